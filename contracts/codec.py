@@ -1,0 +1,96 @@
+"""Encoding and decoding of envelopes to and from the wire (JSON bytes).
+
+Decoding is strict about what matters and lenient about what may grow:
+- bytes that are not a JSON envelope raise ``DecodeError``;
+- an unknown event type or an unknown *major* schema version raise ``SchemaVersionError``;
+- a payload that does not validate raises pydantic's ``ValidationError``;
+- unknown fields and newer *minor* versions are accepted (extra fields ignored).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TypeVar
+
+from pydantic import ValidationError
+
+from .envelope import Envelope, EnvelopeHeader, Event, Producer
+from .topics import EVENT_TYPES
+
+P = TypeVar("P", bound=Event)
+
+
+class DecodeError(ValueError):
+    """The bytes are not a Helox envelope at all."""
+
+
+class SchemaVersionError(ValueError):
+    """The event type is unknown, or its major schema version is not one this code speaks."""
+
+
+def envelope(
+    payload: P,
+    *,
+    producer: Producer,
+    run_id: str | None = None,
+    causation_id: uuid.UUID | None = None,
+    correlation_id: uuid.UUID | None = None,
+) -> Envelope[P]:
+    """Wrap a payload in a new envelope (fresh event_id, now as occurred_at)."""
+    cls = type(payload)
+    env = Envelope[cls](  # type: ignore[valid-type]
+        type=cls.EVENT_TYPE,
+        schema_version=cls.SCHEMA_VERSION,
+        run_id=run_id,
+        producer=producer,
+        causation_id=causation_id,
+        correlation_id=correlation_id,
+        payload=payload,
+    )
+    if env.correlation_id is None:
+        env.correlation_id = env.event_id
+    return env
+
+
+def encode(env: Envelope[Event]) -> bytes:
+    """Serialise an envelope to JSON bytes (non-finite floats as strings)."""
+    return env.model_dump_json().encode()
+
+
+def decode_header(raw: bytes | str) -> EnvelopeHeader:
+    """Read the envelope's metadata, leaving the payload as a dict. Raises DecodeError."""
+    try:
+        return EnvelopeHeader.model_validate_json(raw)
+    except ValidationError as exc:
+        raise DecodeError(f"not a Helox envelope: {_first_error(exc)}") from exc
+
+
+def decode(raw: bytes | str, expected: type[P] | None = None) -> Envelope[P]:
+    """Decode and validate a whole envelope.
+
+    `expected` restricts the event type (the topic's payload model); None accepts any
+    registered type.
+    """
+    header = decode_header(raw)
+    cls = EVENT_TYPES.get(header.type)
+    if cls is None:
+        raise SchemaVersionError(f"unknown event type {header.type!r}")
+    if expected is not None and cls is not expected:
+        raise SchemaVersionError(
+            f"event type {header.type!r} on a topic that carries {expected.EVENT_TYPE!r}"
+        )
+    supported = int(cls.SCHEMA_VERSION.split(".")[0])
+    if header.major != supported:
+        raise SchemaVersionError(
+            f"{header.type} schema_version {header.schema_version} has major {header.major}; "
+            f"this consumer speaks {cls.SCHEMA_VERSION} (major {supported})"
+        )
+    payload = cls.model_validate(header.payload)
+    fields = header.model_dump(exclude={"payload"})
+    return Envelope[cls].model_construct(**fields, payload=payload)  # type: ignore[valid-type]
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
+    return f"{loc}: {err.get('msg')}"

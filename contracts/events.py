@@ -1,0 +1,341 @@
+"""Event payload models, one per event type. Every field is typed and documented.
+
+Artifact references carry URI + SHA-256 + size (ArtifactRef), never bytes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .envelope import ArtifactRef, ContractModel, Event
+
+Stage = Literal["data", "train", "health", "eval", "export"]
+Severity = Literal["info", "warning", "critical"]
+Scalar = float | int | str | bool | None
+
+
+# --- runs -----------------------------------------------------------------------------
+
+
+class RunRequested(Event):
+    """Somebody (the CLI, an API) asks for a run: data prep, then the requested stages."""
+
+    EVENT_TYPE = "RunRequested"
+    SCHEMA_VERSION = "1.0"
+
+    name: str = Field(description="Human-readable run name.")
+    stages: list[Literal["data", "train", "eval", "export"]] = Field(
+        default_factory=lambda: ["data", "train", "eval", "export"],
+        description="Pipeline stages this run asks for, in order.",
+    )
+    config: dict[str, Any] = Field(
+        description="The resolved run configuration (shared.config.RunConfig as JSON); "
+        "each service validates the section it owns."
+    )
+    config_hash: str = Field(description="SHA-256 of the canonical JSON of `config`.")
+    requested_by: str = Field(default="cli", description="Who asked: user@host or a service name.")
+
+
+class RunFailed(Event):
+    """A run stopped for good in some stage."""
+
+    EVENT_TYPE = "RunFailed"
+    SCHEMA_VERSION = "1.0"
+
+    stage: Stage = Field(description="Stage in which the run failed.")
+    reason: str = Field(description="What went wrong, in words a user can act on.")
+    error_type: str = Field(default="", description="Exception class or error code.")
+    retriable: bool = Field(default=False, description="Whether a retry could succeed.")
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+class DataPrepProgress(Event):
+    """Progress of the data-prep pipeline (telemetry, trimmed)."""
+
+    EVENT_TYPE = "DataPrepProgress"
+    SCHEMA_VERSION = "1.0"
+
+    stage: str = Field(description="Pipeline stage: ingest, exact_dedup, near_dedup, semantic_dedup, tokenizer, tokenize, manifest.")
+    fraction: float = Field(ge=0.0, le=1.0, description="Fraction of this stage done.")
+    detail: str = Field(default="", description="Free text, e.g. counts so far.")
+
+
+class DatasetReady(Event):
+    """A versioned, deduplicated, tokenized dataset is in the artifact store."""
+
+    EVENT_TYPE = "DatasetReady"
+    SCHEMA_VERSION = "1.0"
+
+    dataset_version: str = Field(description="Content-derived version id of the dataset.")
+    manifest: ArtifactRef = Field(description="The dataset manifest (JSON).")
+    tokenizer: ArtifactRef = Field(description="The sentencepiece model file.")
+    vocab_size: int = Field(gt=0, description="Tokenizer vocabulary size.")
+    tokens: dict[str, int] = Field(description="Token counts per split (train, validation).")
+    domains: list[str] = Field(description="Domain names present in the dataset.")
+    documents: int = Field(ge=0, description="Documents kept after filtering and deduplication.")
+    reused: bool = Field(default=False, description="True when an identical version already existed.")
+    parent_version: str | None = Field(default=None, description="Version this one derives from (lineage).")
+
+
+# --- training -------------------------------------------------------------------------
+
+
+class TrainingStarted(Event):
+    """The trainer started (or resumed) a run."""
+
+    EVENT_TYPE = "TrainingStarted"
+    SCHEMA_VERSION = "1.0"
+
+    dataset_version: str = Field(description="Dataset being trained on.")
+    model_preset: str = Field(description="Model preset name, e.g. 'tiny' or '125m'.")
+    n_params: int = Field(gt=0, description="Trainable parameters.")
+    total_steps: int = Field(gt=0, description="Optimizer steps planned.")
+    world_size: int = Field(default=1, ge=1, description="Processes in the job (torchrun).")
+    device: str = Field(description="Device type, e.g. cpu or cuda:0.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(description="Compute precision.")
+    resumed_from_step: int | None = Field(default=None, description="Step resumed from, if any.")
+    instance: str = Field(default="", description="Trainer instance running the job.")
+
+
+class TrainingMetrics(Event):
+    """Metrics the trainer emits every `log_every` steps (telemetry, trimmed)."""
+
+    EVENT_TYPE = "TrainingMetrics"
+    SCHEMA_VERSION = "1.0"
+
+    step: int = Field(ge=0, description="Optimizer step just completed.")
+    tokens_seen: int = Field(ge=0, description="Training tokens consumed so far.")
+    loss: float = Field(description="Training loss (may be NaN/Infinity when training breaks).")
+    lr: float = Field(description="Learning rate used for this step.")
+    grad_norm: float = Field(description="Global gradient norm before clipping.")
+    grad_norm_per_layer: dict[str, float] = Field(default_factory=dict, description="Gradient norm per layer.")
+    loss_scale: float | None = Field(default=None, description="fp16 GradScaler scale, None when not used.")
+    skipped_steps: int = Field(default=0, ge=0, description="Steps skipped as non-finite/overflowing so far.")
+    tokens_per_s: float = Field(default=0.0, description="Training throughput over the last interval.")
+    mfu: float | None = Field(default=None, description="Model FLOPs utilisation (0-1) against the configured peak.")
+    seq_len: int = Field(gt=0, description="Sequence length in use.")
+    batch_size: int = Field(gt=0, description="Global batch size in sequences.")
+    probes: dict[str, float] = Field(default_factory=dict, description="Latest probe values by name.")
+    domain_loss: dict[str, float] = Field(default_factory=dict, description="Loss per data domain.")
+    val_loss: float | None = Field(default=None, description="Validation loss, when evaluated this interval.")
+    data_cursor: int | None = Field(default=None, description="Global sample cursor of the data stream.")
+
+
+class CheckpointSaved(Event):
+    """A checkpoint is durable in the artifact store."""
+
+    EVENT_TYPE = "CheckpointSaved"
+    SCHEMA_VERSION = "1.0"
+
+    step: int = Field(ge=0, description="Step the checkpoint captures.")
+    tokens_seen: int = Field(ge=0, description="Tokens consumed at that step.")
+    checkpoint: ArtifactRef = Field(description="The checkpoint's manifest.json.")
+    digest: str = Field(description="Checkpoint digest (SHA-256 of its manifest): its identity.")
+    dataset_version: str = Field(description="Dataset the run trains on.")
+    train_loss: float | None = Field(default=None, description="Training loss at that step.")
+    val_loss: float | None = Field(default=None, description="Validation loss, if measured.")
+    reason: Literal["interval", "final", "signal", "command", "rollback-point"] = Field(
+        default="interval", description="Why it was written."
+    )
+    is_final: bool = Field(default=False, description="True for the checkpoint that ends the run.")
+
+
+class TrainerAction(Event):
+    """A decision the trainer applied, with its reason (the audit trail of the closed loop)."""
+
+    EVENT_TYPE = "TrainerAction"
+    SCHEMA_VERSION = "1.0"
+
+    action: Literal[
+        "rollback", "skip_data", "scale_lr", "pause", "resume", "checkpoint", "stop", "halt", "record"
+    ] = Field(description="What was done.")
+    reason: str = Field(description="Why, in words.")
+    step: int = Field(ge=0, description="Step at which it was applied.")
+    alert_event_id: uuid.UUID | None = Field(default=None, description="HealthAlert answered, if any.")
+    command_event_id: uuid.UUID | None = Field(default=None, description="TrainerCommand answered, if any.")
+    details: dict[str, Scalar] = Field(default_factory=dict, description="Parameters, e.g. lr_factor, restored_step.")
+
+
+class TrainingCompleted(Event):
+    """Training finished normally."""
+
+    EVENT_TYPE = "TrainingCompleted"
+    SCHEMA_VERSION = "1.0"
+
+    final_step: int = Field(ge=0, description="Last optimizer step.")
+    tokens_seen: int = Field(ge=0, description="Training tokens consumed.")
+    final_loss: float = Field(description="Training loss at the end.")
+    best_val_loss: float | None = Field(default=None, description="Best validation loss seen.")
+    final_checkpoint: ArtifactRef = Field(description="Manifest of the final checkpoint.")
+    final_checkpoint_digest: str = Field(description="Digest of the final checkpoint.")
+    best_checkpoint: ArtifactRef | None = Field(default=None, description="Manifest of the best checkpoint.")
+    wall_time_s: float = Field(ge=0, description="Wall-clock training time.")
+    rollbacks: int = Field(default=0, ge=0, description="Rollbacks performed.")
+    skipped_steps: int = Field(default=0, ge=0, description="Non-finite steps skipped.")
+
+
+class TrainerCommand(Event):
+    """An operator's (or a service's) command to a running trainer."""
+
+    EVENT_TYPE = "TrainerCommand"
+    SCHEMA_VERSION = "1.0"
+
+    command: Literal["pause", "resume", "checkpoint", "stop", "rollback", "scale_lr", "skip_data"] = Field(
+        description="What the trainer should do."
+    )
+    value: float | None = Field(default=None, description="Argument, e.g. the LR factor for scale_lr or samples for skip_data.")
+    reason: str = Field(default="", description="Why it was asked.")
+
+
+# --- health ---------------------------------------------------------------------------
+
+AlertKind = Literal[
+    "non_finite",
+    "loss_spike",
+    "divergence",
+    "stagnation",
+    "grad_explosion",
+    "loss_scale_collapse",
+    "dead_neurons",
+    "attention_entropy_collapse",
+    "rare_token_collapse",
+    "token_drift",
+    "throughput_drop",
+    "trainer_stalled",
+]
+RecommendedAction = Literal["rollback", "rollback_cut_lr", "cut_lr", "skip_data", "record", "notify", "halt"]
+
+
+class AlertEvidence(ContractModel):
+    """The numbers behind an alert."""
+
+    statistic: str = Field(description="What was measured, e.g. 'robust_z(loss)'.")
+    value: float = Field(description="Its value at detection.")
+    threshold: float = Field(description="The threshold it crossed.")
+    window: dict[str, float] = Field(default_factory=dict, description="Window statistics (median, mad, mean, n...).")
+    values: list[float] = Field(default_factory=list, description="Recent values of the watched series.")
+    layer: str | None = Field(default=None, description="Layer at fault, for per-layer detectors.")
+
+
+class HealthAlert(Event):
+    """An incident detected in the metrics stream (state=firing), or its resolution (state=resolved)."""
+
+    EVENT_TYPE = "HealthAlert"
+    SCHEMA_VERSION = "1.0"
+
+    incident_id: str = Field(description="Stable id of the incident; the resolution repeats it.")
+    kind: AlertKind = Field(description="Detector that fired.")
+    severity: Severity = Field(description="info, warning or critical.")
+    state: Literal["firing", "resolved"] = Field(default="firing", description="Firing or resolved.")
+    step_start: int = Field(ge=0, description="First step of the incident.")
+    step_end: int = Field(ge=0, description="Last step observed in the incident.")
+    evidence: AlertEvidence = Field(description="Window statistics, threshold and crossing values.")
+    recommended_action: RecommendedAction = Field(description="What the monitor recommends.")
+    message: str = Field(description="One-line summary for humans.")
+
+
+# --- evaluation -----------------------------------------------------------------------
+
+
+class GateResult(ContractModel):
+    """One quality gate's outcome."""
+
+    name: str = Field(description="Gate name, e.g. 'val_ppl_regression'.")
+    passed: bool = Field(description="Whether the gate passed.")
+    detail: str = Field(default="", description="Evidence: estimate, confidence interval, threshold.")
+
+
+class EvaluationCompleted(Event):
+    """A checkpoint has been judged."""
+
+    EVENT_TYPE = "EvaluationCompleted"
+    SCHEMA_VERSION = "1.0"
+
+    checkpoint: ArtifactRef = Field(description="The checkpoint evaluated.")
+    checkpoint_digest: str = Field(description="Its digest (the idempotency key).")
+    step: int = Field(ge=0, description="Training step of the checkpoint.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Headline metrics: val_loss, val_ppl, bits_per_byte...")
+    domain_metrics: dict[str, dict[str, float]] = Field(default_factory=dict, description="Metrics per data domain.")
+    suite_scores: dict[str, float] = Field(default_factory=dict, description="Score per test suite.")
+    parity: dict[str, dict[str, Scalar]] = Field(default_factory=dict, description="Parity checks and their results.")
+    verdict: Literal["pass", "regression", "error"] = Field(description="Overall verdict.")
+    gates: list[GateResult] = Field(default_factory=list, description="Each gate's outcome.")
+    gates_passed: bool = Field(description="True when every gate passed.")
+    results: ArtifactRef | None = Field(default=None, description="Full per-item results in the artifact store.")
+    error: str | None = Field(default=None, description="Why evaluation failed, for verdict=error.")
+    evaluator: str = Field(default="", description="Instance that evaluated it.")
+    is_final: bool = Field(default=False, description="True when the checkpoint is the run's final one.")
+
+
+# --- export ---------------------------------------------------------------------------
+
+
+class Lineage(ContractModel):
+    """Where a model comes from."""
+
+    run_id: str = Field(description="Training run.")
+    dataset_version: str = Field(description="Dataset version trained on.")
+    checkpoint_step: int = Field(ge=0, description="Step of the exported checkpoint.")
+    checkpoint_digest: str = Field(description="Digest of the exported checkpoint.")
+    config_hash: str = Field(description="Hash of the resolved run config.")
+    code_version: str = Field(description="Helox version (and git revision when known).")
+    parent_model_id: str | None = Field(default=None, description="Model this one was fine-tuned from.")
+
+
+class ModelReady(Event):
+    """An exported, verified, signed model is published. Cyrex subscribes to this."""
+
+    EVENT_TYPE = "ModelReady"
+    SCHEMA_VERSION = "1.0"
+
+    model_id: str = Field(description="Unique model id.")
+    formats: dict[str, ArtifactRef] = Field(description="Export manifest or main file per format: safetensors, hf, onnx, gguf.")
+    manifest: ArtifactRef = Field(description="The export manifest (files, digests, fingerprint) that is signed.")
+    fingerprint: str = Field(description="SHA-256 over sorted (name, dtype, shape, bytes) of the tensors.")
+    signature: str = Field(description="HMAC-SHA256 of the export manifest, hex.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Headline evaluation metrics.")
+    lineage: Lineage = Field(description="Run, dataset, checkpoint, config and code it derives from.")
+    model_card: ArtifactRef | None = Field(default=None, description="README.md model card.")
+
+
+# --- operations -----------------------------------------------------------------------
+
+
+class ServiceHeartbeat(Event):
+    """Liveness of one service instance (telemetry, trimmed)."""
+
+    EVENT_TYPE = "ServiceHeartbeat"
+    SCHEMA_VERSION = "1.0"
+
+    service: str = Field(description="Service name: data-prep, trainer, health-monitor, evaluator, exporter.")
+    instance: str = Field(description="Instance name (stable per process).")
+    pid: int = Field(description="OS process id.")
+    host: str = Field(description="Host name.")
+    version: str = Field(description="Helox version.")
+    status: Literal["starting", "idle", "busy", "stopping"] = Field(description="What the instance is doing.")
+    current_work: str | None = Field(default=None, description="The job in hand, e.g. 'run r1 step 120'.")
+    started_at: datetime = Field(description="When the instance started.")
+    interval_s: float = Field(default=5.0, description="Seconds between heartbeats: silence for 3x this means dead.")
+
+
+class DeadLetter(Event):
+    """A message that could not be handled: kept with everything needed to inspect or replay it."""
+
+    EVENT_TYPE = "DeadLetter"
+    SCHEMA_VERSION = "1.0"
+
+    original_stream: str = Field(description="Stream the message came from.")
+    original_id: str = Field(description="Its Redis entry id.")
+    original_fields: dict[str, str] = Field(description="The raw entry fields (bytes decoded with replacement).")
+    error: str = Field(description="Why it failed.")
+    error_type: str = Field(description="Exception class, or 'decode'/'schema'/'version'.")
+    group: str = Field(description="Consumer group that failed it.")
+    consumer: str = Field(description="Consumer that dead-lettered it.")
+    delivery_count: int = Field(ge=0, description="Deliveries before it was dead-lettered.")
+    event_type: str | None = Field(default=None, description="Event type, if the envelope could be read.")

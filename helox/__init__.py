@@ -1,0 +1,1 @@
+"""The helox command line: local stack, runs, inspection."""

@@ -1,0 +1,1 @@
+"""Helox services: one package per process."""

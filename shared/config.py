@@ -1,0 +1,143 @@
+"""Deployment settings: one pydantic-settings model read from a YAML file and HELOX_* env.
+
+Precedence: explicit overrides > environment (HELOX_*) > YAML file (HELOX_CONFIG or the
+path given) > defaults. An invalid value fails at start-up with ConfigError naming the
+field and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from contracts import DEFAULT_PREFIX
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and its source."""
+
+
+class HeloxSettings(BaseSettings):
+    """Settings shared by every Helox process (the bus, the store, logging)."""
+
+    model_config = SettingsConfigDict(env_prefix="HELOX_", extra="forbid", validate_default=True)
+
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://[user:password@]host:port/db or rediss:// for TLS. "
+        "Unset: `helox` starts an embedded redis-server.",
+    )
+    topic_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every stream name.")
+    artifacts: Path = Field(default=Path(".helox/artifacts"), description="Artifact store root.")
+    state_dir: Path = Field(default=Path(".helox/state"), description="Local state: outbox files, embedded Redis data.")
+    instance: str | None = Field(default=None, description="Instance name; default host-pid... stable per process.")
+    log_format: Literal["json", "console"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=300)
+    reclaim_idle_ms: int = Field(
+        default=15_000, ge=100, description="A pending entry idle this long is reclaimed by another instance."
+    )
+    keepalive_ms: int = Field(
+        default=0, ge=0, description="How often a busy handler refreshes its claim (0: a third of reclaim_idle_ms)."
+    )
+    max_deliveries: int = Field(default=5, ge=1, le=1000, description="Deliveries before a failing message is dead-lettered.")
+    polling_interval_ms: int = Field(default=100, ge=1, le=5000, description="Blocking read timeout.")
+    redis_socket_timeout_s: float = Field(default=10.0, gt=0)
+    signing_key: SecretStr | None = Field(default=None, description="HMAC key for export signatures.")
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be a non-empty string without whitespace, e.g. 'helox.'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    def reclaim_keepalive_s(self) -> float:
+        ms = self.keepalive_ms or max(self.reclaim_idle_ms // 3, 50)
+        return ms / 1000.0
+
+    def instance_name(self, service: str) -> str:
+        """Stable per process: names that change on restart would orphan pending entries."""
+        return self.instance or f"{service}-{socket.gethostname()}-{os.getpid()}"
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The `settings:` section (or the top level) of the YAML file named by HELOX_CONFIG."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("HELOX_CONFIG")
+        if not path:
+            return {}
+        data = read_yaml(Path(path))
+        section = data.get("settings", {}) if isinstance(data, dict) else {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: 'settings' must be a mapping")
+        return section
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping with errors that name the file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def describe_validation_error(exc: ValidationError, source: str, env_prefix: str = "") -> str:
+    """One line per bad field: 'field.path: message (input ...)'."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
+        hint = f" (env {env_prefix}{loc.upper()})" if env_prefix and "." not in loc else ""
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f"; got {value!r}"
+        lines.append(f"  {loc}{hint}: {err.get('msg')}{shown}")
+    return f"invalid configuration in {source}:\n" + "\n".join(lines)
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides: Any) -> HeloxSettings:
+    """Load settings, raising ConfigError that names every bad field."""
+    if config_path is not None:
+        os.environ["HELOX_CONFIG"] = str(config_path)
+    try:
+        return HeloxSettings(**overrides)
+    except ValidationError as exc:
+        source = "settings (HELOX_* environment / YAML 'settings:' section)"
+        raise ConfigError(describe_validation_error(exc, source, "HELOX_")) from exc
