@@ -86,7 +86,7 @@ def decode(raw: bytes | str, expected: type[P] | None = None) -> Envelope[P]:
             f"this consumer speaks {cls.SCHEMA_VERSION} (major {supported})"
         )
     payload = cls.model_validate(header.payload)
-    fields = header.model_dump(exclude={"payload"})
+    fields = {name: getattr(header, name) for name in EnvelopeHeader.model_fields if name != "payload"}
     return Envelope[cls].model_construct(**fields, payload=payload)  # type: ignore[valid-type]
 
 

@@ -1,5 +1,7 @@
-"""Synapse, the Helox event bus: runtime, outbox, idempotency, heartbeats."""
+"""Synapse, the Helox event bus: runtime, outbox, idempotency, heartbeats, admin views."""
 
+from .idempotency import Idempotency, idempotent
+from .outbox import Outbox
 from .runtime import CURRENT_EVENT, Bus, Delivery
 
-__all__ = ["CURRENT_EVENT", "Bus", "Delivery"]
+__all__ = ["CURRENT_EVENT", "Bus", "Delivery", "Idempotency", "Outbox", "idempotent"]
