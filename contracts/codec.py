@@ -10,7 +10,9 @@ Decoding is strict about what matters and lenient about what may grow:
 from __future__ import annotations
 
 import uuid
-from typing import TypeVar
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -38,18 +40,27 @@ def envelope(
 ) -> Envelope[P]:
     """Wrap a payload in a new envelope (fresh event_id, now as occurred_at)."""
     cls = type(payload)
-    env = Envelope[cls](  # type: ignore[valid-type]
+    if not isinstance(payload, Event) or not cls.EVENT_TYPE:
+        raise TypeError(f"{cls.__name__} is not a registered event payload")
+    # Payload and producer are validated models already: construct without re-validating,
+    # because this runs on the trainer's hot path (Outbox.publish).
+    event_id = uuid.uuid4()
+    return _envelope_class(cls).model_construct(  # type: ignore[valid-type]
+        event_id=event_id,
         type=cls.EVENT_TYPE,
         schema_version=cls.SCHEMA_VERSION,
+        occurred_at=datetime.now(UTC),
         run_id=run_id,
         producer=producer,
         causation_id=causation_id,
-        correlation_id=correlation_id,
+        correlation_id=correlation_id or event_id,
         payload=payload,
     )
-    if env.correlation_id is None:
-        env.correlation_id = env.event_id
-    return env
+
+
+@lru_cache(maxsize=None)
+def _envelope_class(cls: type[Event]) -> type[Envelope[Any]]:
+    return Envelope[cls]  # type: ignore[valid-type]
 
 
 def encode(env: Envelope[Event]) -> bytes:
@@ -87,7 +98,7 @@ def decode(raw: bytes | str, expected: type[P] | None = None) -> Envelope[P]:
         )
     payload = cls.model_validate(header.payload)
     fields = {name: getattr(header, name) for name in EnvelopeHeader.model_fields if name != "payload"}
-    return Envelope[cls].model_construct(**fields, payload=payload)  # type: ignore[valid-type]
+    return _envelope_class(cls).model_construct(**fields, payload=payload)  # type: ignore[valid-type]
 
 
 def _first_error(exc: ValidationError) -> str:

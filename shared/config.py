@@ -49,6 +49,7 @@ class HeloxSettings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1, le=1000, description="Deliveries before a failing message is dead-lettered.")
     polling_interval_ms: int = Field(default=100, ge=1, le=5000, description="Blocking read timeout.")
     redis_socket_timeout_s: float = Field(default=10.0, gt=0)
+    startup_wait_s: float = Field(default=60.0, ge=0, description="How long `helox run` waits for services to come up.")
     signing_key: SecretStr | None = Field(default=None, description="HMAC key for export signatures.")
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 

@@ -119,6 +119,7 @@ class Bus:
         self.url = settings.redis_url
         self.broker = RedisBroker(self.url, **_broker_kwargs(self.url, settings))
         self._subs: list[_Subscription[Any]] = []
+        self._routes: dict[type[Event], tuple[str, int | None]] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self._running = False
         self.stats = BusStats()
@@ -212,16 +213,34 @@ class Bus:
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def publish_many(self, envs: Sequence[Envelope[Any]]) -> list[str]:
-        """Publish a batch in one pipelined round trip, in order."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for env in envs:
-                topic = topic_for(env.payload)
-                pipe.xadd(
-                    topic.stream(self.prefix), encode_entry(env), maxlen=topic.retention.maxlen, approximate=True
-                )
-            ids = await pipe.execute()
+        """Publish a batch in one round trip, in order.
+
+        The XADDs are packed into one write on a pooled connection: redis-py's pipeline
+        object costs more per command than building the envelopes does."""
+        cmds = []
+        for env in envs:
+            stream, maxlen = self._route(type(env.payload))
+            trim = ("MAXLEN", "~", maxlen) if maxlen else ()
+            cmds.append(("XADD", stream, *trim, "*", *_flat(encode_entry(env))))
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands(cmds))
+            ids = [await conn.read_response() for _ in cmds]
+        except BaseException:
+            await conn.disconnect()  # a half-read connection must not go back to the pool
+            raise
+        finally:
+            await pool.release(conn)
         self.stats.published += len(envs)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    def _route(self, payload: type[Event]) -> tuple[str, int | None]:
+        route = self._routes.get(payload)
+        if route is None:
+            topic = topic_for(payload)
+            route = self._routes[payload] = (topic.stream(self.prefix), topic.retention.maxlen)
+        return route
 
     # --- consuming ----------------------------------------------------------------------
 
@@ -378,6 +397,10 @@ class Bus:
                         log.warning("subscriber restarted", stream=sub.stream, group=sub.group, group_recreated=created)
                     except Exception as exc:
                         log.warning("subscriber restart failed; retrying", stream=sub.stream, error=repr(exc))
+
+
+def _flat(fields: dict[bytes, bytes]) -> tuple[bytes, ...]:
+    return tuple(x for kv in fields.items() for x in kv)
 
 
 _RAW_FIELDS = "helox_raw_fields"

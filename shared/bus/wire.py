@@ -8,7 +8,9 @@ with no configuration. The body is the envelope's JSON.
 from __future__ import annotations
 
 from faststream.redis.message import DATA_KEY
-from faststream.redis.parser.binary import BinaryMessageFormatV1, BinaryWriter, FastStreamMessageVersion
+from struct import pack
+
+from faststream.redis.parser.binary import BinaryMessageFormatV1, FastStreamMessageVersion
 
 from contracts import Envelope
 from contracts.codec import encode
@@ -27,23 +29,25 @@ def encode_entry(env: Envelope) -> dict[bytes, bytes]:
     return {DATA_FIELD: frame(encode(env), headers)}
 
 
+_MAGIC = BinaryMessageFormatV1.IDENTITY_HEADER + pack(">H", FastStreamMessageVersion.v1.value)
+_HEADERS_START = len(_MAGIC) + 8
+
+
 def frame(body: bytes, headers: dict[str, str]) -> bytes:
-    """FastStream BinaryMessageFormatV1 framing (same bytes as its async encoder)."""
-    hw = BinaryWriter()
+    """FastStream BinaryMessageFormatV1 framing: the same bytes as its (async) encoder, built
+    with struct in one join because this runs for every published event."""
+    parts = []
     for key, value in headers.items():
-        hw.write_string(key)
-        hw.write_string(value)
-    header_bytes = hw.get_bytes()
-    w = BinaryWriter()
-    w.write(BinaryMessageFormatV1.IDENTITY_HEADER)
-    w.write_short(FastStreamMessageVersion.v1.value)
-    headers_start = len(w.data) + 8
-    w.write_int(headers_start)
-    w.write_int(2 + headers_start + len(header_bytes))
-    w.write_short(len(headers))
-    w.write(header_bytes)
-    w.write(body)
-    return w.get_bytes()
+        k, v = key.encode(), value.encode()
+        parts += (pack(">H", len(k)), k, pack(">H", len(v)), v)
+    header_bytes = b"".join(parts)
+    return b"".join((
+        _MAGIC,
+        pack(">II", _HEADERS_START, 2 + _HEADERS_START + len(header_bytes)),
+        pack(">H", len(headers)),
+        header_bytes,
+        body,
+    ))
 
 
 def body_of(fields: dict[bytes, bytes]) -> bytes:

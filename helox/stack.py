@@ -1,0 +1,178 @@
+"""The local stack: embedded Redis (when no HELOX_REDIS_URL) + the five service processes.
+
+`helox up` runs it in the foreground; `helox run` starts one for the run's duration when
+none is running. A supervisor restarts a crashed service with exponential back-off.
+A state file (`<state_dir>/stack.json`) lets other `helox` commands find a running stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import HeloxSettings
+from shared.logging import get_logger
+from shared.redis_server import RedisServer
+
+log = get_logger("helox.stack")
+
+SERVICES: dict[str, str] = {
+    "data-prep": "services.data_prep",
+    "trainer": "services.trainer",
+    "health-monitor": "services.health_monitor",
+    "evaluator": "services.evaluator",
+    "exporter": "services.exporter",
+}
+
+MAX_BACKOFF_S = 30.0
+HEALTHY_AFTER_S = 30.0  # a process that ran this long resets its back-off
+
+
+@dataclass
+class Slot:
+    """One supervised service instance."""
+
+    service: str
+    module: str
+    instance: str
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    backoff_s: float = 1.0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    log_path: Path | None = None
+    exits: list[int] = field(default_factory=list)
+
+
+class LocalStack:
+    def __init__(
+        self,
+        settings: HeloxSettings,
+        *,
+        evaluators: int = 1,
+        services: list[str] | None = None,
+        log_dir: Path | None = None,
+        quiet: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir).resolve()
+        self.log_dir = (log_dir or self.state_dir / "logs").resolve()
+        self.redis: RedisServer | None = None
+        self.redis_url = settings.redis_url
+        self.quiet = quiet
+        wanted = services or list(SERVICES)
+        unknown = [s for s in wanted if s not in SERVICES]
+        if unknown:
+            raise ValueError(f"unknown service(s) {unknown}; known: {', '.join(SERVICES)}")
+        self.slots: list[Slot] = []
+        for service in wanted:
+            count = evaluators if service == "evaluator" else 1
+            for n in range(1, count + 1):
+                # Stable instance names: a restarted process takes over its own pending entries.
+                self.slots.append(Slot(service, SERVICES[service], f"{service}-{n}"))
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "stack.json"
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not self.redis_url:
+            self.redis = RedisServer(self.state_dir / "redis")
+            self.redis.start()
+            self.redis_url = self.redis.url
+            log.info("embedded redis started", url=self.redis_url, binary=self.redis.executable)
+        for slot in self.slots:
+            self._spawn(slot)
+        self.state_file.write_text(
+            json.dumps({"redis_url": self.redis_url, "pid": os.getpid(), "instances": [s.instance for s in self.slots]})
+        )
+
+    def env(self, instance: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            HELOX_REDIS_URL=self.redis_url or "",
+            HELOX_INSTANCE=instance,
+            HELOX_ARTIFACTS=str(Path(self.settings.artifacts).resolve()),
+            HELOX_STATE_DIR=str(self.state_dir),
+            HELOX_TOPIC_PREFIX=self.settings.topic_prefix,
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _spawn(self, slot: Slot) -> None:
+        slot.log_path = self.log_dir / f"{slot.instance}.log"
+        out = open(slot.log_path, "ab")  # noqa: SIM115  (the child owns it)
+        slot.proc = subprocess.Popen(
+            [sys.executable, "-m", slot.module],
+            env=self.env(slot.instance),
+            stdout=out if self.quiet else None,
+            stderr=subprocess.STDOUT if self.quiet else None,
+            start_new_session=True,  # Ctrl-C reaches us; we stop children in order
+        )
+        out.close()
+        slot.started_at = time.monotonic()
+
+    def supervise_once(self) -> list[str]:
+        """Restart crashed processes with back-off; returns what happened."""
+        events = []
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.proc is None:
+                if now >= slot.next_start:
+                    self._spawn(slot)
+                    slot.restarts += 1
+                    events.append(f"{slot.instance} restarted (#{slot.restarts})")
+                continue
+            code = slot.proc.poll()
+            if code is None:
+                if now - slot.started_at > HEALTHY_AFTER_S:
+                    slot.backoff_s = 1.0
+                continue
+            slot.exits.append(code)
+            slot.proc = None
+            slot.next_start = now + slot.backoff_s
+            events.append(f"{slot.instance} exited with {code}; restarting in {slot.backoff_s:.0f}s (log: {slot.log_path})")
+            slot.backoff_s = min(slot.backoff_s * 2, MAX_BACKOFF_S)
+        return events
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every service (they finish or release their work), then stop Redis."""
+        for slot in self.slots:
+            if slot.proc and slot.proc.poll() is None:
+                slot.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for slot in self.slots:
+            if slot.proc is None:
+                continue
+            try:
+                slot.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("service did not stop in time; killing", instance=slot.instance)
+                slot.proc.kill()
+                slot.proc.wait()
+            slot.proc = None
+        if self.redis:
+            self.redis.stop()
+            self.redis = None
+        self.state_file.unlink(missing_ok=True)
+
+
+def find_running_stack(settings: HeloxSettings) -> str | None:
+    """The Redis URL of a stack started by `helox up` that is still alive, if any."""
+    state = Path(settings.state_dir).resolve() / "stack.json"
+    if not state.exists():
+        return None
+    try:
+        data = json.loads(state.read_text())
+        os.kill(int(data["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return str(data["redis_url"])

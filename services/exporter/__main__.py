@@ -1,0 +1,9 @@
+"""`python -m services.exporter`: run one exporter instance (settings from HELOX_* env)."""
+
+import sys
+
+from shared.service import run_service
+
+from .app import setup
+
+sys.exit(run_service("exporter", setup))

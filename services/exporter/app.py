@@ -1,0 +1,8 @@
+"""exporter wiring. Exports arrive with the exporter issue; until then the instance runs,
+heartbeats and stops cleanly, consuming nothing."""
+
+from shared.service import ServiceRuntime
+
+
+def setup(rt: ServiceRuntime) -> None:
+    """No subscriptions yet (see the module docstring)."""
