@@ -1,0 +1,1 @@
+"""The data-prep service: corpus in, versioned tokenized dataset out."""
