@@ -192,6 +192,7 @@ def generate(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
                 "consumes": list(p.consumes),
                 "reads": list(p.reads),
                 "replays": list(p.replays),
+                "deletes": list(p.deletes),
                 "keys": list(p.key_patterns),
             }
             for p in PARTICIPANTS.values()

@@ -8,7 +8,8 @@ user: the `helox` CLI and Cyrex (outside).
 - `publishes`: topics it XADDs to;
 - `consumes`: topics it reads through a consumer group (XREADGROUP, XACK, XAUTOCLAIM...);
 - `reads`: topics it may only read (XRANGE/XREVRANGE/XREAD/XINFO), never through a group;
-- `replays`: topics it may re-publish dead letters to (the CLI's `dlq replay`).
+- `replays`: topics it may re-publish dead letters to (the CLI's `dlq replay`);
+- `deletes`: topics it may delete entries from (XDEL: a replayed dead letter).
 
 Every service also publishes heartbeats and dead letters, and keeps idempotency and
 outbox markers under `helox:idem:<service>:*` and `helox:outbox:<service>:*`.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .envelope import SERVICE_NAMES
-from .topics import TOPICS
+from .topics import TOPICS, marker_prefix
 
 EVERY_SERVICE_PUBLISHES = ("services.heartbeat", "dlq")
 """Topics every service writes: its heartbeats and its dead letters."""
@@ -37,6 +38,7 @@ class Participant:
     consumes: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
     replays: tuple[str, ...] = ()
+    deletes: tuple[str, ...] = ()
     module: str | None = None
     """`python -m <module>` starts it (services only)."""
 
@@ -50,7 +52,8 @@ class Participant:
         """Non-stream keys it owns (glob patterns): idempotency and outbox markers."""
         if self.kind != "service":
             return ()
-        return (f"helox:idem:{self.name}:*", f"helox:outbox:{self.name}:*")
+        ns = marker_prefix()
+        return (f"{ns}idem:{self.name}:*", f"{ns}outbox:{self.name}:*")
 
     def readable(self) -> tuple[str, ...]:
         """Every topic it may read, in registry order."""
@@ -134,11 +137,12 @@ CLIENTS: dict[str, Participant] = {
             name="cli",
             kind="client",
             description="The `helox` CLI: requests runs, commands the trainer, inspects every "
-            "stream and replays dead letters to the stream they came from.",
+            "stream and replays dead letters to the stream they came from (then deletes "
+            "them from the dead-letter stream).",
             publishes=("runs.requested", "train.commands"),
-            consumes=("dlq",),
             reads=tuple(TOPICS),
             replays=_dead_letter_sources(),
+            deletes=("dlq",),
         ),
         Participant(
             name="cyrex",
@@ -171,7 +175,7 @@ def _check() -> None:
     if tuple(SERVICES) != SERVICE_NAMES:
         raise AssertionError(f"contracts.services.SERVICES {tuple(SERVICES)} != SERVICE_NAMES {SERVICE_NAMES}")
     for p in PARTICIPANTS.values():
-        for field in ("publishes", "consumes", "reads", "replays"):
+        for field in ("publishes", "consumes", "reads", "replays", "deletes"):
             unknown = [k for k in getattr(p, field) if k not in TOPICS]
             if unknown:
                 raise AssertionError(f"{p.name}.{field} names unknown topics {unknown}")

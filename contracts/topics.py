@@ -64,6 +64,12 @@ EVENT_TYPES: dict[str, type[Event]] = {t.payload.EVENT_TYPE: t.payload for t in 
 _BY_PAYLOAD: dict[type[Event], Topic] = {t.payload: t for t in _TOPICS}
 
 
+def marker_prefix(prefix: str = DEFAULT_PREFIX) -> str:
+    """Namespace of a deployment's non-stream keys (idempotency and outbox markers):
+    'helox.' -> 'helox:', so deployments sharing a Redis keep them apart too."""
+    return prefix.rstrip(".:") + ":"
+
+
 def topic_for(payload: type[Event] | Event) -> Topic:
     """The topic a payload type is published on."""
     cls = payload if isinstance(payload, type) else type(payload)

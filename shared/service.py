@@ -58,7 +58,7 @@ class ServiceRuntime:
     @property
     def idempotency(self) -> Idempotency:
         if self._idem is None:
-            self._idem = Idempotency(self.bus.redis, self.service)
+            self._idem = Idempotency(self.bus.redis, self.service, prefix=self.bus.prefix)
         return self._idem
 
     def on_startup(self, hook: Hook) -> Hook:

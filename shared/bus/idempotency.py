@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from contracts import Envelope
+from contracts import DEFAULT_PREFIX, Envelope
+from contracts.topics import marker_prefix
 
 from .runtime import Delivery
 
@@ -25,15 +26,16 @@ DEFAULT_TTL_S = 30 * 24 * 3600
 
 
 class Idempotency:
-    """Done-markers in Redis under ``helox:idem:<namespace>:<key>``."""
+    """Done-markers in Redis under ``<deployment>:idem:<namespace>:<key>`` (``helox:idem:…``)."""
 
-    def __init__(self, redis: Redis, namespace: str, *, ttl_s: int = DEFAULT_TTL_S) -> None:
+    def __init__(self, redis: Redis, namespace: str, *, prefix: str = DEFAULT_PREFIX, ttl_s: int = DEFAULT_TTL_S) -> None:
         self.redis = redis
         self.namespace = namespace
+        self.base = f"{marker_prefix(prefix)}idem:{namespace}:"
         self.ttl_s = ttl_s
 
     def key(self, key: str) -> str:
-        return f"helox:idem:{self.namespace}:{key}"
+        return self.base + key
 
     async def result(self, key: str) -> str | None:
         """The recorded result of a finished key, or None if it was never committed."""

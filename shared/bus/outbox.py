@@ -2,7 +2,7 @@
 
 `publish()` builds the envelope and appends it to an in-memory queue: microseconds. A
 background thread sends queued events in pipelined batches, each batch inside
-MULTI/EXEC together with a per-outbox sequence marker (``helox:outbox:<service>:<id>``).
+MULTI/EXEC together with a per-outbox sequence marker (``helox:outbox:<service>:<id>`` for the default prefix).
 
 While Redis is unreachable, events spill to an append-only file (one JSON line each, in
 order). When Redis returns, the file is replayed in order; the sequence marker tells
@@ -29,6 +29,7 @@ import redis
 
 from contracts import Envelope, Event, Producer, topic_for
 from contracts.codec import envelope as make_envelope
+from contracts.topics import marker_prefix
 from shared.logging import get_logger
 
 from .wire import encode_entry
@@ -178,7 +179,7 @@ class Outbox:
         return out
 
     def _marker(self, outbox_id: str) -> str:
-        return f"helox:outbox:{self.producer.service}:{outbox_id}"
+        return f"{marker_prefix(self.prefix)}outbox:{self.producer.service}:{outbox_id}"
 
     def _send(self, batch: Iterable[_Item], outbox_id: str | None = None) -> None:
         items = list(batch)
