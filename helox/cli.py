@@ -52,6 +52,8 @@ events_app = typer.Typer(help="Follow events on Synapse.", no_args_is_help=True)
 dlq_app = typer.Typer(help="Inspect and replay dead letters.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
 app.add_typer(dlq_app, name="dlq")
+data_app = typer.Typer(help="Prepare and inspect datasets without the bus.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 console = Console()
 err = Console(stderr=True)
@@ -326,6 +328,87 @@ def command(
     env = envelope(payload, producer=CLI_PRODUCER, run_id=run_id)
     client.xadd(topic_for(TrainerCommand).stream(settings.topic_prefix), encode_entry(env))
     console.print(f"sent {what} to {run_id} ({env.event_id})")
+
+
+# --- data, without the bus --------------------------------------------------------------
+
+
+def _manifest_path(settings: HeloxSettings, version: str) -> Path:
+    from shared.artifacts import ArtifactStore  # noqa: PLC0415
+
+    candidate = Path(version)
+    if candidate.exists():
+        return candidate / "manifest.json" if candidate.is_dir() else candidate
+    path = ArtifactStore(settings.artifacts).path("datasets", version, "manifest.json")
+    if not path.exists():
+        err.print(f"[red]error:[/red] no dataset {version!r} in {settings.artifacts} (looked for {path})")
+        raise typer.Exit(2)
+    return path
+
+
+@data_app.command("prepare")
+def data_prepare(config: Annotated[Path, typer.Argument(help="Run config YAML (its corpus and data sections).")]) -> None:
+    """Run the data-prep pipeline here, with progress bars, and print the dataset summary."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    from services.data_prep.ingest import CorpusError  # noqa: PLC0415
+    from services.data_prep.pipeline import prepare_dataset  # noqa: PLC0415
+    from shared.artifacts import ArtifactStore  # noqa: PLC0415
+    from shared.data.config import data_prep_config  # noqa: PLC0415
+    from shared.data.manifest import format_summary, inspect_dataset  # noqa: PLC0415
+
+    try:
+        cfg = load_run_config(config)
+        settings = load_settings(**cfg.settings) if cfg.settings else load_settings()
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    store = ArtifactStore(settings.artifacts)
+    columns = (TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, fraction: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=1.0)
+            bars.update(tasks[stage], completed=fraction)
+
+        try:
+            result = prepare_dataset(data_prep_config(cfg.corpus, cfg.data), store, progress)
+        except CorpusError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+    for report in result.reports:
+        console.print(f"  {report.stage:<15} kept {report.docs_out:>7} removed {report.removed:>6} "
+                      f"in {report.seconds:6.2f}s", highlight=False)
+    console.print(format_summary(inspect_dataset(result.manifest_path)), highlight=False)
+    console.print(f"[green]dataset {result.manifest.version}[/green]{' (reused)' if result.reused else ''}: "
+                  f"{result.manifest_path}")
+
+
+@data_app.command("inspect")
+def data_inspect(version: Annotated[str, typer.Argument(help="Dataset version (or its directory).")]) -> None:
+    """Print a dataset's manifest summary."""
+    from shared.data.manifest import format_summary, inspect_dataset  # noqa: PLC0415
+
+    console.print(format_summary(inspect_dataset(_manifest_path(_settings(), version))), highlight=False)
+
+
+@data_app.command("verify")
+def data_verify(
+    version: Annotated[str, typer.Argument(help="Dataset version (or its directory).")],
+    quick: Annotated[bool, typer.Option(help="Sizes only, no re-hashing.")] = False,
+) -> None:
+    """Re-hash every shard against the manifest; exit 1 naming each corrupt file."""
+    from shared.data.manifest import verify_dataset  # noqa: PLC0415
+
+    report = verify_dataset(_manifest_path(_settings(), version), full=not quick)
+    if report.ok:
+        console.print(f"[green]ok[/green]: {version}")
+        return
+    for problem in report.problems:
+        err.print(f"[red]{problem}[/red]")
+    raise typer.Exit(1)
 
 
 # --- the main job ---------------------------------------------------------------------

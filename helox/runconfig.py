@@ -1,8 +1,8 @@
 """The run configuration file (YAML): what `helox run CONFIG` asks the pipeline to do.
 
 Top-level keys: `name`, `stages`, `timeout_s`, `settings` (deployment settings, see
-shared.config.HeloxSettings) and one section per stage owner (`corpus`, `data`, `model`,
-`train`, `eval`, `export`). Each section is validated by the model of the code that owns
+shared.config.HeloxSettings) and one section per stage owner (`corpus`, `data`, `train`
+(model included), `eval`, `export`). Each section is validated by the model of the code that owns
 it, at start-up, so a bad value fails before anything runs, naming the field.
 """
 
@@ -29,7 +29,6 @@ class RunConfig(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict, description="Deployment settings (HeloxSettings).")
     corpus: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
-    model: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
     export: dict[str, Any] = Field(default_factory=dict)
@@ -43,29 +42,18 @@ class RunConfig(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def section_validators() -> dict[str, Any]:
-    """Section name -> pydantic model of the code that owns the section (where it exists)."""
-    validators: dict[str, Any] = {}
-    try:
-        from shared.data.config import CorpusConfig, DataPrepConfig  # noqa: PLC0415
+def _validate_sections(cfg: RunConfig) -> None:
+    """Validate each section with the model of the code that owns it (normalising it)."""
+    from shared.data.config import data_prep_config  # noqa: PLC0415
 
-        validators["corpus"] = CorpusConfig
-        validators["data"] = DataPrepConfig
-    except ImportError:
-        pass
-    try:
-        from shared.model.config import ModelConfig  # noqa: PLC0415
-
-        validators["model"] = ModelConfig
-    except ImportError:
-        pass
+    data = data_prep_config(cfg.corpus, cfg.data).model_dump(mode="json")
+    cfg.corpus = data.pop("corpus")
+    cfg.data = data
     try:
         from services.trainer.config import TrainConfig  # noqa: PLC0415
-
-        validators["train"] = TrainConfig
-    except ImportError:
-        pass
-    return validators
+    except ImportError:  # a build without the trainer
+        return
+    cfg.train = TrainConfig.model_validate(cfg.train).model_dump(mode="json")
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -74,16 +62,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     data = read_yaml(p)
     try:
         cfg = RunConfig.model_validate(data)
+        _validate_sections(cfg)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, str(p))) from exc
-    for section, model in section_validators().items():
-        value = getattr(cfg, section)
-        if not value:  # empty: the owner applies its defaults (e.g. the demo corpus)
-            continue
-        try:
-            validated = model.model_validate(value)
-        except ValidationError as exc:
-            msg = describe_validation_error(exc, f"{p} [{section}]")
-            raise ConfigError(msg.replace("\n  ", f"\n  {section}.")) from exc
-        setattr(cfg, section, validated.model_dump(mode="json"))
     return cfg

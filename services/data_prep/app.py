@@ -1,7 +1,106 @@
-"""Service wiring (filled in as the service's domain logic lands)."""
+"""data-prep wiring: RunRequested -> the pipeline (in a worker thread) -> DatasetReady or RunFailed.
 
+A redelivered RunRequested does not redo finished work: the run's idempotency marker
+stops it, and an identical dataset version already in the store is reused by the
+pipeline without recomputation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts import DataPrepProgress, DatasetReady, Envelope, RunFailed, RunRequested
+from services.data_prep.ingest import CorpusError
+from services.data_prep.pipeline import PrepareResult, prepare_dataset
+from services.data_prep.semantic import SemanticDedupError
+from services.data_prep.tokenizer import TokenizerError
+from shared.artifacts import ArtifactStore
+from shared.bus import Delivery
+from shared.data.config import data_prep_config
+from shared.logging import get_logger
 from shared.service import ServiceRuntime
+
+log = get_logger("helox.data_prep")
+
+USER_ERRORS = (CorpusError, TokenizerError, SemanticDedupError, ValidationError)
+"""Errors a retry cannot fix: the run fails at once, naming the reason."""
+
+PROGRESS_EVERY_S = 0.5
+
+
+def dataset_ready(result: PrepareResult, store: ArtifactStore) -> DatasetReady:
+    m = result.manifest
+    directory = result.manifest_path.parent
+    return DatasetReady(
+        dataset_version=m.version,
+        manifest=store.ref(result.manifest_path),
+        tokenizer=store.ref(directory / m.tokenizer.path),
+        vocab_size=m.tokenizer.vocab_size,
+        tokens={"train": m.tokens("train"), "validation": m.tokens("val")},
+        domains=m.domain_names,
+        documents=sum(d.documents for d in m.domains.values()),
+        reused=result.reused,
+        parent_version=m.parent_version,
+    )
+
+
+async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], delivery: Delivery) -> None:
+    req = env.payload
+    if "data" not in req.stages:
+        return
+    key = f"run:{env.run_id}"
+    if await rt.idempotency.seen(key):
+        log.info("run already prepared; skipping redelivery", run_id=env.run_id)
+        return
+    loop = asyncio.get_running_loop()
+    last = {"t": 0.0, "stage": ""}
+
+    def progress(stage: str, fraction: float) -> None:
+        # Called from the pipeline's thread: hop onto the loop, throttled per stage.
+        now = time.monotonic()
+        if stage == last["stage"] and now - last["t"] < PROGRESS_EVERY_S and fraction < 1.0:
+            return
+        last.update(t=now, stage=stage)
+        rt.current_work = f"run {env.run_id}: {stage} {fraction:.0%}"
+        asyncio.run_coroutine_threadsafe(
+            rt.bus.publish(DataPrepProgress(stage=stage, fraction=min(max(fraction, 0.0), 1.0)), cause=env), loop
+        )
+
+    try:
+        config = data_prep_config(req.config.get("corpus"), req.config.get("data"))
+        rt.current_work = f"run {env.run_id}: data prep"
+        result = await asyncio.to_thread(prepare_dataset, config, rt.store, progress)
+    except USER_ERRORS as exc:
+        await _fail(rt, env, exc, retriable=False)
+        await rt.idempotency.commit(key, "failed")
+        return
+    except Exception as exc:
+        if delivery.delivery_count >= rt.settings.max_deliveries:
+            await _fail(rt, env, exc, retriable=True)
+            await rt.idempotency.commit(key, "failed")
+            return
+        raise  # transient? the entry stays pending and is redelivered
+    finally:
+        rt.current_work = None
+    ready = dataset_ready(result, rt.store)
+    await rt.bus.publish(ready)
+    await rt.idempotency.commit(key, ready.dataset_version)
+    log.info("dataset ready", version=ready.dataset_version, reused=ready.reused, tokens=ready.tokens)
+
+
+async def _fail(rt: ServiceRuntime, env: Envelope[Any], exc: BaseException, *, retriable: bool) -> None:
+    log.error("data prep failed", error=str(exc), error_type=type(exc).__name__)
+    await rt.bus.publish(
+        RunFailed(stage="data", reason=str(exc)[:2000], error_type=type(exc).__name__, retriable=retriable)
+    )
 
 
 def setup(rt: ServiceRuntime) -> None:
-    """No subscriptions yet."""
+    async def on_run_requested(env: Envelope[RunRequested], delivery: Delivery) -> None:
+        await handle_run_requested(rt, env, delivery)
+
+    rt.bus.subscribe(RunRequested, on_run_requested)

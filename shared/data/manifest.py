@@ -1,0 +1,312 @@
+"""The dataset manifest (``manifest.json``): what a prepared dataset holds and how to check it.
+
+A dataset lives in one directory of the artifact store, ``datasets/<version>/``::
+
+    manifest.json                  this file's model, `Manifest`
+    tokenizer.model                sentencepiece model
+    histograms.safetensors         unigram token counts per split/domain (drift baseline)
+    train/<domain>/shard_00000.bin flat token ids, documents separated by EOS
+    val/<domain>/shard_00000.bin
+
+Shard paths in the manifest are relative to that directory, so a dataset can be moved.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
+
+from shared.artifacts import atomic_write_bytes, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+Split = Literal["train", "val"]
+SPLITS: tuple[Split, ...] = ("train", "val")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable or not a Helox dataset manifest."""
+
+
+class ShardCorruptError(RuntimeError):
+    """A shard's bytes do not match the manifest (size or SHA-256). The message names the file."""
+
+
+class _Model(BaseModel):
+    # Readers ignore fields written by newer pipeline versions.
+    model_config = ConfigDict(extra="ignore")
+
+
+class StageReport(_Model):
+    """What one pipeline stage did: documents in/out, bytes, time and stage-specific counts."""
+
+    stage: str
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def removed(self) -> int:
+        return self.docs_in - self.docs_out
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_in / 1e6 / self.seconds if self.seconds > 0 else float("inf")
+
+
+class ShardInfo(_Model):
+    path: str = Field(description="Relative to the dataset directory.")
+    split: Split
+    domain: str
+    sha256: str
+    size_bytes: int
+    documents: int
+    tokens: int
+    dtype: Literal["uint16", "uint32"]
+
+
+class DomainStats(_Model):
+    documents: int = 0
+    text_bytes: int = 0
+    train_documents: int = 0
+    train_tokens: int = 0
+    val_documents: int = 0
+    val_tokens: int = 0
+
+
+class TokenizerInfo(_Model):
+    path: str = Field(description="Relative to the dataset directory.")
+    sha256: str
+    size_bytes: int
+    vocab_size: int
+    model_type: str
+    pad_id: int
+    unk_id: int
+    bos_id: int
+    eos_id: int
+    trained: bool = Field(description="False when reused from a file or a parent dataset.")
+    source: str | None = Field(default=None, description="Where a reused tokenizer came from.")
+
+
+class HistogramInfo(_Model):
+    """Unigram token counts, one int64 vector of length vocab_size per '<split>/<domain>'."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+    format: Literal["safetensors"] = "safetensors"
+    keys: list[str]
+
+
+class InputsInfo(_Model):
+    files: int
+    bytes: int
+    digest: str = Field(description="SHA-256 over the sorted (source, relative path, content SHA-256) of every input.")
+
+
+class Manifest(_Model):
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    version: str
+    parent_version: str | None = None
+    pipeline_version: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    config: dict[str, Any] = Field(description="The DataPrepConfig that produced this dataset.")
+    inputs: InputsInfo
+    dtype: Literal["uint16", "uint32"]
+    tokenizer: TokenizerInfo
+    shards: list[ShardInfo]
+    domains: dict[str, DomainStats]
+    stages: list[StageReport]
+    histograms: HistogramInfo
+
+    def shards_for(self, split: Split, domain: str | None = None) -> list[ShardInfo]:
+        """Shards of a split (optionally one domain), in stream order."""
+        return [s for s in self.shards if s.split == split and (domain is None or s.domain == domain)]
+
+    def tokens(self, split: Split) -> int:
+        return sum(s.tokens for s in self.shards_for(split))
+
+    @property
+    def domain_names(self) -> list[str]:
+        return sorted(self.domains)
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file (or the manifest inside a dataset directory)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    try:
+        raw = p.read_text("utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"no dataset manifest at {p}: run data prep first or check the path") from None
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as e:
+        raise ManifestError(f"{p} is not a valid dataset manifest: {e}") from e
+    if manifest.schema_version > MANIFEST_SCHEMA_VERSION:
+        raise ManifestError(
+            f"{p} has manifest schema {manifest.schema_version}, this reader knows up to "
+            f"{MANIFEST_SCHEMA_VERSION}: upgrade Helox"
+        )
+    return manifest
+
+
+def write_manifest(manifest: Manifest, path: str | Path) -> Path:
+    """Write a manifest atomically."""
+    data = json.dumps(manifest.model_dump(mode="json"), indent=1, sort_keys=False).encode()
+    return atomic_write_bytes(path, data)
+
+
+def check_shard(dataset_dir: Path, shard: ShardInfo, full: bool = False) -> Path:
+    """Check a shard against its manifest entry: size always, SHA-256 when `full`.
+
+    Raises ShardCorruptError naming the file.
+    """
+    p = dataset_dir / shard.path
+    if not p.is_file():
+        raise ShardCorruptError(f"shard {p} is missing (listed in the manifest): re-run data prep")
+    size = p.stat().st_size
+    itemsize = np.dtype(shard.dtype).itemsize
+    if size != shard.size_bytes or size != shard.tokens * itemsize:
+        raise ShardCorruptError(
+            f"shard {p} has {size} bytes, the manifest says {shard.size_bytes} "
+            f"({shard.tokens} {shard.dtype} tokens): the file is truncated or replaced; re-run data prep"
+        )
+    if full:
+        digest = sha256_file(p)
+        if digest != shard.sha256:
+            raise ShardCorruptError(
+                f"shard {p} has SHA-256 {digest}, the manifest says {shard.sha256}: "
+                "the file is corrupt; re-run data prep"
+            )
+    return p
+
+
+class VerifyReport(BaseModel):
+    """Result of verify_dataset: every problem found, not just the first."""
+
+    manifest: str
+    version: str
+    checked_files: int
+    full: bool
+    problems: list[str] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_for_problems(self) -> None:
+        """Raise ShardCorruptError listing every problem."""
+        if self.problems:
+            raise ShardCorruptError(f"dataset {self.version} failed verification: " + "; ".join(self.problems))
+
+
+def verify_dataset(manifest_path: str | Path, full: bool = True) -> VerifyReport:
+    """Re-check every shard, the tokenizer and the histogram file against the manifest."""
+    mpath = Path(manifest_path)
+    if mpath.is_dir():
+        mpath = mpath / MANIFEST_NAME
+    manifest = load_manifest(mpath)
+    root = mpath.parent
+    report = VerifyReport(manifest=str(mpath), version=manifest.version, checked_files=0, full=full)
+    for shard in manifest.shards:
+        report.checked_files += 1
+        try:
+            check_shard(root, shard, full=full)
+        except ShardCorruptError as e:
+            report.problems.append(str(e))
+    for name, rel, sha, size in (
+        ("tokenizer", manifest.tokenizer.path, manifest.tokenizer.sha256, manifest.tokenizer.size_bytes),
+        ("histograms", manifest.histograms.path, manifest.histograms.sha256, manifest.histograms.size_bytes),
+    ):
+        report.checked_files += 1
+        p = root / rel
+        if not p.is_file():
+            report.problems.append(f"{name} file {p} is missing")
+        elif p.stat().st_size != size:
+            report.problems.append(f"{name} file {p} has {p.stat().st_size} bytes, the manifest says {size}")
+        elif full and sha256_file(p) != sha:
+            report.problems.append(f"{name} file {p} does not match its SHA-256 in the manifest")
+    return report
+
+
+def load_histograms(manifest_path: str | Path) -> dict[str, np.ndarray]:
+    """Unigram token counts keyed '<split>/<domain>' (int64 vectors of length vocab_size)."""
+    from safetensors.numpy import load_file
+
+    mpath = Path(manifest_path)
+    if mpath.is_dir():
+        mpath = mpath / MANIFEST_NAME
+    manifest = load_manifest(mpath)
+    return load_file(str(mpath.parent / manifest.histograms.path))
+
+
+def inspect_dataset(manifest_path: str | Path) -> dict[str, Any]:
+    """A summary of a dataset for humans and the CLI: totals, per-domain counts, stages, tokenizer."""
+    manifest = load_manifest(manifest_path)
+    return {
+        "version": manifest.version,
+        "parent_version": manifest.parent_version,
+        "pipeline_version": manifest.pipeline_version,
+        "created_at": manifest.created_at.isoformat(),
+        "inputs": manifest.inputs.model_dump(),
+        "tokenizer": {
+            "vocab_size": manifest.tokenizer.vocab_size,
+            "model_type": manifest.tokenizer.model_type,
+            "trained": manifest.tokenizer.trained,
+            "special_ids": {
+                "pad": manifest.tokenizer.pad_id,
+                "unk": manifest.tokenizer.unk_id,
+                "bos": manifest.tokenizer.bos_id,
+                "eos": manifest.tokenizer.eos_id,
+            },
+        },
+        "dtype": manifest.dtype,
+        "tokens": {split: manifest.tokens(split) for split in SPLITS},
+        "shards": len(manifest.shards),
+        "bytes": sum(s.size_bytes for s in manifest.shards),
+        "domains": {name: stats.model_dump() for name, stats in sorted(manifest.domains.items())},
+        "stages": [
+            {"stage": s.stage, "docs_in": s.docs_in, "docs_out": s.docs_out, "removed": s.removed,
+             "seconds": round(s.seconds, 3)}
+            for s in manifest.stages
+        ],
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Render inspect_dataset's summary as a few aligned lines of text."""
+    tok = summary["tokenizer"]
+    lines = [
+        f"dataset {summary['version']}"
+        + (f" (parent {summary['parent_version']})" if summary["parent_version"] else ""),
+        f"  pipeline {summary['pipeline_version']}, created {summary['created_at']}",
+        f"  inputs: {summary['inputs']['files']} files, {summary['inputs']['bytes'] / 1e6:.1f} MB",
+        f"  tokenizer: {tok['model_type']} vocab {tok['vocab_size']} ({'trained' if tok['trained'] else 'reused'}), "
+        + ", ".join(f"{k}={v}" for k, v in tok["special_ids"].items()),
+        f"  tokens: train {summary['tokens']['train']:,}, val {summary['tokens']['val']:,} "
+        f"({summary['dtype']}, {summary['shards']} shards, {summary['bytes'] / 1e6:.1f} MB)",
+        "  domains:",
+    ]
+    for name, d in summary["domains"].items():
+        lines.append(
+            f"    {name:<12} docs {d['documents']:>8,}  train tokens {d['train_tokens']:>12,}  "
+            f"val tokens {d['val_tokens']:>10,}"
+        )
+    lines.append("  stages:")
+    for s in summary["stages"]:
+        lines.append(
+            f"    {s['stage']:<15} in {s['docs_in']:>8,}  out {s['docs_out']:>8,}  removed {s['removed']:>7,}  "
+            f"{s['seconds']:>8.2f}s"
+        )
+    return "\n".join(lines)
