@@ -104,7 +104,8 @@ def up(
 ) -> None:
     """Start Redis (embedded unless HELOX_REDIS_URL is set) and the services; Ctrl-C stops all."""
     settings = _settings(config)
-    stack = LocalStack(settings, evaluators=evaluators, services=[s.strip() for s in services.split(",") if s.strip()])
+    stack = LocalStack(settings, evaluators=evaluators, config_path=config,
+                       services=[s.strip() for s in services.split(",") if s.strip()])
     _stop_on_signals()
     stack.start()
     console.print(f"[green]stack up[/green]: redis {stack.redis_url}; logs in {stack.log_dir}")
@@ -359,7 +360,7 @@ def data_prepare(config: Annotated[Path, typer.Argument(help="Run config YAML (i
 
     try:
         cfg = load_run_config(config)
-        settings = load_settings(**cfg.settings) if cfg.settings else load_settings()
+        settings = load_settings(config)
     except ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -423,7 +424,7 @@ def run(
     """Run the pipeline on CONFIG: use a running stack or start one, follow the run, summarise."""
     try:
         cfg = load_run_config(config)
-        settings = load_settings(**cfg.settings) if cfg.settings else load_settings()
+        settings = load_settings(config)
     except ConfigError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -432,7 +433,7 @@ def run(
     _stop_on_signals()
     url = settings.redis_url or find_running_stack(settings)
     if url is None:
-        stack = LocalStack(settings, evaluators=evaluators)
+        stack = LocalStack(settings, evaluators=evaluators, config_path=config)
         stack.start()
         url = stack.redis_url
         console.print(f"started a local stack (embedded redis at {url}); logs in {stack.log_dir}")

@@ -57,6 +57,7 @@ class LocalStack:
         *,
         evaluators: int = 1,
         services: list[str] | None = None,
+        config_path: Path | None = None,
         log_dir: Path | None = None,
         quiet: bool = True,
     ) -> None:
@@ -66,6 +67,7 @@ class LocalStack:
         self.redis: RedisServer | None = None
         self.redis_url = settings.redis_url
         self.quiet = quiet
+        self.config_path = Path(config_path).resolve() if config_path else None
         wanted = services or list(SERVICES)
         unknown = [s for s in wanted if s not in SERVICES]
         if unknown:
@@ -105,6 +107,8 @@ class LocalStack:
             HELOX_TOPIC_PREFIX=self.settings.topic_prefix,
             PYTHONUNBUFFERED="1",
         )
+        if self.config_path:
+            env["HELOX_CONFIG"] = str(self.config_path)
         return env
 
     def _spawn(self, slot: Slot) -> None:

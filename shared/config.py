@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from contracts import DEFAULT_PREFIX
+
+
+_CONFIG_PATH: ContextVar[str | None] = ContextVar("helox_config_path", default=None)
+"""The YAML file given to load_settings(); HELOX_CONFIG when unset."""
 
 
 class ConfigError(ValueError):
@@ -96,7 +101,7 @@ class _YamlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("HELOX_CONFIG")
+        path = _CONFIG_PATH.get() or os.environ.get("HELOX_CONFIG")
         if not path:
             return {}
         data = read_yaml(Path(path))
@@ -135,10 +140,11 @@ def describe_validation_error(exc: ValidationError, source: str, env_prefix: str
 
 def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides: Any) -> HeloxSettings:
     """Load settings, raising ConfigError that names every bad field."""
-    if config_path is not None:
-        os.environ["HELOX_CONFIG"] = str(config_path)
+    token = _CONFIG_PATH.set(str(config_path) if config_path is not None else None)
     try:
         return HeloxSettings(**overrides)
     except ValidationError as exc:
-        source = "settings (HELOX_* environment / YAML 'settings:' section)"
+        source = f"settings (HELOX_* environment / 'settings:' of {config_path or os.environ.get('HELOX_CONFIG', 'no file')})"
         raise ConfigError(describe_validation_error(exc, source, "HELOX_")) from exc
+    finally:
+        _CONFIG_PATH.reset(token)
