@@ -9,6 +9,7 @@ Decoding is strict about what matters and lenient about what may grow:
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -61,6 +62,42 @@ def envelope(
 @lru_cache(maxsize=None)
 def _envelope_class(cls: type[Event]) -> type[Envelope[Any]]:
     return Envelope[cls]  # type: ignore[valid-type]
+
+
+def encode_new(
+    payload: Event,
+    *,
+    producer_json: bytes,
+    run_id: str | None = None,
+    causation_id: uuid.UUID | None = None,
+    correlation_id: uuid.UUID | None = None,
+) -> tuple[uuid.UUID, bytes]:
+    """Envelope JSON for a new event, written directly (no Envelope object): the batch
+    publishing fast path. `producer_json` is the producer's JSON, serialised once.
+    Produces what `encode(envelope(...))` would (field order aside)."""
+    cls = type(payload)
+    if not cls.EVENT_TYPE:
+        raise TypeError(f"{cls.__name__} is not a registered event payload")
+    event_id = uuid.uuid4()
+    eid = str(event_id).encode()
+    head = b'{"event_id":"%s","type":"%s","schema_version":"%s","occurred_at":"%s","run_id":%s,"producer":%s,' % (
+        eid,
+        cls.EVENT_TYPE.encode(),
+        cls.SCHEMA_VERSION.encode(),
+        datetime.now(UTC).isoformat().encode(),
+        _json_str(run_id),
+        producer_json,
+    )
+    tail = b'"causation_id":%s,"correlation_id":"%s","payload":%s}' % (
+        _json_str(str(causation_id) if causation_id else None),
+        str(correlation_id).encode() if correlation_id else eid,
+        payload.__pydantic_serializer__.to_json(payload),  # model config: non-finite floats as strings
+    )
+    return event_id, head + tail
+
+
+def _json_str(value: str | None) -> bytes:
+    return b"null" if value is None else json.dumps(value).encode()
 
 
 def encode(env: Envelope[Event]) -> bytes:

@@ -20,13 +20,18 @@ DATA_FIELD = DATA_KEY.encode()
 
 def encode_entry(env: Envelope) -> dict[bytes, bytes]:
     """Stream-entry fields for an envelope (synchronous: the outbox thread calls it)."""
+    return entry(encode(env), str(env.event_id), str(env.correlation_id or env.event_id), env.type)
+
+
+def entry(body: bytes, event_id: str, correlation_id: str, event_type: str) -> dict[bytes, bytes]:
+    """Stream-entry fields for envelope JSON `body`."""
     headers = {
-        "correlation_id": str(env.correlation_id or env.event_id),
+        "correlation_id": correlation_id,
         "content-type": "application/json",
-        "message_id": str(env.event_id),
-        "helox-type": env.type,
+        "message_id": event_id,
+        "helox-type": event_type,
     }
-    return {DATA_FIELD: frame(encode(env), headers)}
+    return {DATA_FIELD: frame(body, headers)}
 
 
 _MAGIC = BinaryMessageFormatV1.IDENTITY_HEADER + pack(">H", FastStreamMessageVersion.v1.value)

@@ -26,7 +26,7 @@ async def test_telemetry_is_trimmed_and_lifecycle_kept(settings: HeloxSettings) 
         assert limit is not None
         n = limit + 3000
         for start in range(0, n, 1000):
-            await bus.publish_many([bus.envelope(_beat(i)) for i in range(start, min(n, start + 1000))])
+            await bus.publish_many([_beat(i) for i in range(start, min(n, start + 1000))])
         for i in range(200):
             await bus.publish(RunFailed(stage="data", reason=str(i)))
         client = redis.Redis.from_url(settings.redis_url)
