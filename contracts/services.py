@@ -61,13 +61,22 @@ class Participant:
         return tuple(k for k in TOPICS if k in wanted)
 
 
-def _service(name: str, package: str, description: str, *, publishes: tuple[str, ...], consumes: tuple[str, ...]) -> Participant:
+def _service(
+    name: str,
+    package: str,
+    description: str,
+    *,
+    publishes: tuple[str, ...],
+    consumes: tuple[str, ...],
+    reads: tuple[str, ...] = (),
+) -> Participant:
     return Participant(
         name=name,
         kind="service",
         description=description,
         publishes=publishes + EVERY_SERVICE_PUBLISHES,
         consumes=consumes,
+        reads=reads,
         module=f"services.{package}",
     )
 
@@ -87,6 +96,8 @@ SERVICES: dict[str, Participant] = {
             "trainer",
             "Trains the model on a dataset; applies health alerts and operator commands.",
             consumes=("data.dataset-ready", "health.alerts", "train.commands"),
+            # The run's configuration travels in its RunRequested, found by causation id.
+            reads=("runs.requested",),
             publishes=(
                 "train.started",
                 "train.metrics",
@@ -100,8 +111,9 @@ SERVICES: dict[str, Participant] = {
             "health-monitor",
             "health_monitor",
             "Detects training incidents in the metrics stream and raises alerts.",
-            # train.started / train.completed / train.actions tell it which runs are active.
-            consumes=("train.metrics", "train.started", "train.completed", "train.actions"),
+            # train.started / train.completed / runs.failed / train.actions tell it which runs
+            # are active (and about rollbacks); its own health.alerts rebuild it after a restart.
+            consumes=("train.metrics", "train.started", "train.completed", "runs.failed", "train.actions"),
             publishes=("health.alerts",),
         ),
         _service(

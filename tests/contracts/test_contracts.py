@@ -60,7 +60,7 @@ ARCHITECTURE_SERVICES = {
         {"data.dataset-ready", "health.alerts", "train.commands"},
         {"train.started", "train.metrics", "train.checkpoint-saved", "train.actions", "train.completed", "runs.failed"},
     ),
-    "health-monitor": ({"train.metrics", "train.started", "train.completed", "train.actions"}, {"health.alerts"}),
+    "health-monitor": ({"train.metrics", "train.started", "train.completed", "runs.failed", "train.actions"}, {"health.alerts"}),
     "evaluator": ({"train.checkpoint-saved"}, {"eval.completed", "runs.failed"}),
     "exporter": ({"eval.completed", "train.completed"}, {"export.model-ready"}),
 }
