@@ -51,8 +51,13 @@ def test_nan_loss_raises_one_alert_and_a_restart_does_not_repeat_it(
         wait_for(lambda: b"service started" in (tmp_path / "second.log").read_bytes(), timeout=30,
                  what="the monitor to rebuild")
         publish(client, envelope(_metrics(41, float("nan")), producer=TRAINER, run_id="r1"))
-        wait_for(lambda: client.xpending("helox.train.metrics", "health-monitor")["pending"] == 0 and
-                 client.xinfo_groups("helox.train.metrics")[0]["lag"] == 0, timeout=30, what="metrics consumed")
+        last = publish(client, envelope(_metrics(42, float("nan")), producer=TRAINER, run_id="r1"))
+
+        def consumed() -> bool:
+            (group,) = client.xinfo_groups("helox.train.metrics")
+            return group["last-delivered-id"].decode() == last and group["pending"] == 0
+
+        wait_for(consumed, timeout=30, what="metrics consumed")
         firing = [a for a in read_all(client, HealthAlert) if a.payload.state == "firing"]
         assert len(firing) == 1
     finally:
