@@ -25,15 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import redis  # noqa: E402
+import redis
 
-from contracts import DataPrepProgress, Producer, TrainingMetrics  # noqa: E402
-from contracts.codec import envelope  # noqa: E402
-from shared.bus import Bus, Outbox  # noqa: E402
-from shared.bus.wire import encode_entry  # noqa: E402
-from shared.config import HeloxSettings  # noqa: E402
-from shared.logging import configure_logging  # noqa: E402
-from shared.redis_server import RedisServer  # noqa: E402
+from contracts import DataPrepProgress, Producer, TrainingMetrics
+from contracts.codec import envelope
+from shared.bus import Bus, Outbox
+from shared.bus.wire import encode_entry
+from shared.config import HeloxSettings
+from shared.logging import configure_logging
+from shared.redis_server import RedisServer
 
 PRODUCER = Producer(service="bench", instance="bench-1")
 BATCH = 500

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import cache
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -59,7 +59,7 @@ def envelope(
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _envelope_class(cls: type[Event]) -> type[Envelope[Any]]:
     return Envelope[cls]  # type: ignore[valid-type]
 

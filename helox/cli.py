@@ -335,7 +335,7 @@ def command(
 
 
 def _manifest_path(settings: HeloxSettings, version: str) -> Path:
-    from shared.artifacts import ArtifactStore  # noqa: PLC0415
+    from shared.artifacts import ArtifactStore
 
     candidate = Path(version)
     if candidate.exists():
@@ -350,13 +350,13 @@ def _manifest_path(settings: HeloxSettings, version: str) -> Path:
 @data_app.command("prepare")
 def data_prepare(config: Annotated[Path, typer.Argument(help="Run config YAML (its corpus and data sections).")]) -> None:
     """Run the data-prep pipeline here, with progress bars, and print the dataset summary."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from services.data_prep.ingest import CorpusError  # noqa: PLC0415
-    from services.data_prep.pipeline import prepare_dataset  # noqa: PLC0415
-    from shared.artifacts import ArtifactStore  # noqa: PLC0415
-    from shared.data.config import data_prep_config  # noqa: PLC0415
-    from shared.data.manifest import format_summary, inspect_dataset  # noqa: PLC0415
+    from services.data_prep.ingest import CorpusError
+    from services.data_prep.pipeline import prepare_dataset
+    from shared.artifacts import ArtifactStore
+    from shared.data.config import data_prep_config
+    from shared.data.manifest import format_summary, inspect_dataset
 
     try:
         cfg = load_run_config(config)
@@ -390,7 +390,7 @@ def data_prepare(config: Annotated[Path, typer.Argument(help="Run config YAML (i
 @data_app.command("inspect")
 def data_inspect(version: Annotated[str, typer.Argument(help="Dataset version (or its directory).")]) -> None:
     """Print a dataset's manifest summary."""
-    from shared.data.manifest import format_summary, inspect_dataset  # noqa: PLC0415
+    from shared.data.manifest import format_summary, inspect_dataset
 
     console.print(format_summary(inspect_dataset(_manifest_path(_settings(), version))), highlight=False)
 
@@ -401,7 +401,7 @@ def data_verify(
     quick: Annotated[bool, typer.Option(help="Sizes only, no re-hashing.")] = False,
 ) -> None:
     """Re-hash every shard against the manifest; exit 1 naming each corrupt file."""
-    from shared.data.manifest import verify_dataset  # noqa: PLC0415
+    from shared.data.manifest import verify_dataset
 
     report = verify_dataset(_manifest_path(_settings(), version), full=not quick)
     if report.ok:

@@ -44,13 +44,13 @@ class RunConfig(BaseModel):
 
 def _validate_sections(cfg: RunConfig) -> None:
     """Validate each section with the model of the code that owns it (normalising it)."""
-    from shared.data.config import data_prep_config  # noqa: PLC0415
+    from shared.data.config import data_prep_config
 
     data = data_prep_config(cfg.corpus, cfg.data).model_dump(mode="json")
     cfg.corpus = data.pop("corpus")
     cfg.data = data
     try:
-        from services.trainer.config import TrainConfig  # noqa: PLC0415
+        from services.trainer.config import TrainConfig
     except ImportError:  # a build without the trainer
         return
     cfg.train = TrainConfig.model_validate(cfg.train).model_dump(mode="json")

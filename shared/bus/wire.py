@@ -7,9 +7,9 @@ with no configuration. The body is the envelope's JSON.
 
 from __future__ import annotations
 
-from faststream.redis.message import DATA_KEY
 from struct import pack
 
+from faststream.redis.message import DATA_KEY
 from faststream.redis.parser.binary import BinaryMessageFormatV1, FastStreamMessageVersion
 
 from contracts import Envelope

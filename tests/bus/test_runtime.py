@@ -6,7 +6,7 @@ import asyncio
 
 import redis
 
-from contracts import RunFailed, RunRequested, ServiceHeartbeat, TOPICS
+from contracts import TOPICS, RunFailed, RunRequested, ServiceHeartbeat
 from shared.bus import Bus
 from shared.config import HeloxSettings
 

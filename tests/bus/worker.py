@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from contracts import DataPrepProgress, Envelope, RunRequested  # noqa: E402
-from shared.bus import Delivery  # noqa: E402
-from shared.service import ServiceRuntime, run_service  # noqa: E402
+from contracts import DataPrepProgress, Envelope, RunRequested
+from shared.bus import Delivery
+from shared.service import ServiceRuntime, run_service
 
 
 def setup(rt: ServiceRuntime) -> None:

@@ -43,7 +43,7 @@ def test_detector_fires_on_its_planted_incident_and_nowhere_else(kind: str) -> N
         first = hits[0].alert
         ev = first.evidence
         assert ev.statistic and math.isfinite(ev.threshold) and ev.window and ev.values, ev
-        assert first.message and first.step_start == trace.events[hits[0].index][1].step or kind == "trainer_stalled"
+        assert (first.message and first.step_start == trace.events[hits[0].index][1].step) or kind == "trainer_stalled"
         if lab.layer is not None:
             assert ev.layer == lab.layer, f"{kind}: named {ev.layer}, planted in {lab.layer}"
 
