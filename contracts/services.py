@@ -122,13 +122,15 @@ SERVICES: dict[str, Participant] = {
             "Evaluates each checkpoint once (N instances share one consumer group).",
             consumes=("train.checkpoint-saved",),
             publishes=("eval.completed", "runs.failed"),
+            reads=("runs.requested",),
         ),
         _service(
             "exporter",
             "exporter",
             "Exports, verifies and signs the model of a finished, evaluated run.",
             consumes=("eval.completed", "train.completed"),
-            publishes=("export.model-ready",),
+            publishes=("export.model-ready", "runs.failed"),
+            reads=("runs.requested", "train.checkpoint-saved"),
         ),
     )
 }

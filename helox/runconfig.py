@@ -32,6 +32,7 @@ class RunConfig(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
     export: dict[str, Any] = Field(default_factory=dict)
+    health: dict[str, Any] = Field(default_factory=dict, description="Health-monitor thresholds (deployment-wide).")
 
     def pipeline_config(self) -> dict[str, Any]:
         """What travels in RunRequested.config: everything but deployment settings."""
@@ -49,11 +50,32 @@ def _validate_sections(cfg: RunConfig) -> None:
     data = data_prep_config(cfg.corpus, cfg.data).model_dump(mode="json")
     cfg.corpus = data.pop("corpus")
     cfg.data = data
+    from services.evaluator.config import EvalConfig
+    from services.health_monitor.config import HealthConfig
+    from services.trainer.config import TrainConfig
+
+    cfg.train = _section("train", TrainConfig, cfg.train)
+    cfg.eval = _section("eval", EvalConfig, cfg.eval)
+    cfg.health = _section("health", HealthConfig, cfg.health)
     try:
-        from services.trainer.config import TrainConfig
-    except ImportError:  # a build without the trainer
+        from services.exporter.config import ExportConfig
+    except ImportError:  # the exporter's logic is not in this build yet
         return
-    cfg.train = TrainConfig.model_validate(cfg.train).model_dump(mode="json")
+    cfg.export = _section("export", ExportConfig, cfg.export)
+
+
+class _SectionError(ValueError):
+    def __init__(self, name: str, exc: ValidationError) -> None:
+        super().__init__(name)
+        self.name, self.exc = name, exc
+
+
+def _section(name: str, model: Any, value: dict[str, Any]) -> dict[str, Any]:
+    """Validate a section; errors are reported with the section's name in the field path."""
+    try:
+        return model.model_validate(value).model_dump(mode="json")
+    except ValidationError as exc:
+        raise _SectionError(name, exc) from exc
 
 
 def load_run_config(path: str | Path) -> RunConfig:
@@ -65,4 +87,7 @@ def load_run_config(path: str | Path) -> RunConfig:
         _validate_sections(cfg)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, str(p))) from exc
+    except _SectionError as exc:
+        msg = describe_validation_error(exc.exc, f"{p} [{exc.name}]")
+        raise ConfigError(msg.replace("\n  ", f"\n  {exc.name}.")) from exc.exc
     return cfg

@@ -51,6 +51,7 @@ class ServiceRuntime:
         self.stopping = asyncio.Event()
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
+        self._stop_requested: list[Callable[[ServiceRuntime], None]] = []
         self._idem: Idempotency | None = None
         self.state: dict[str, Any] = {}
         """Service-specific state set up by its hooks."""
@@ -68,6 +69,11 @@ class ServiceRuntime:
     def on_shutdown(self, hook: Hook) -> Hook:
         self._shutdown.append(hook)
         return hook
+
+    def on_stop_requested(self, hook: Callable[[ServiceRuntime], None]) -> None:
+        """Called at once (on the loop) when SIGTERM/SIGINT arrives, before the bus stops:
+        for work that must wind down first (a training job checkpoints and stops)."""
+        self._stop_requested.append(hook)
 
     def heartbeat(self) -> ServiceHeartbeat:
         busy = list(self.bus.busy.values())
@@ -126,6 +132,8 @@ class ServiceRuntime:
     def request_stop(self, sig: int | None = None) -> None:
         if not self.stopping.is_set():
             log.info("stop requested", signal=signal.Signals(sig).name if sig else None)
+            for hook in self._stop_requested:
+                hook(self)
             self.stopping.set()
 
 

@@ -1,8 +1,91 @@
-"""evaluator wiring. Checkpoint evaluation arrives with the evaluator issue; until then the
-instance runs, heartbeats and stops cleanly, consuming nothing."""
+"""evaluator wiring: CheckpointSaved -> evaluation (in a worker thread) -> EvaluationCompleted.
 
+N instances share the `evaluator` consumer group, so each checkpoint goes to one of them.
+Idempotent by checkpoint digest: a redelivered or reclaimed CheckpointSaved whose digest
+is already judged is acked without work. While an evaluation runs, the bus keeps the
+entry's claim alive, so the reclaim timeout stays short; an instance killed mid-evaluation
+leaves the entry pending and another instance finishes it. Results are written to the
+artifact store before the event is published and before the ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts import CheckpointSaved, Envelope, EvaluationCompleted
+from shared.bus import Delivery
+from shared.logging import get_logger
+from shared.runs import RunNotFoundError, find_run_request, section
 from shared.service import ServiceRuntime
+
+from .config import EvalConfig
+from .evaluate import evaluation_completed, previous_best_checkpoint, safe_evaluate
+
+log = get_logger("helox.evaluator")
+
+
+async def eval_config(rt: ServiceRuntime, run_id: str | None) -> EvalConfig:
+    """The run's `eval` section (defaults when the run or section is unknown)."""
+    if not run_id:
+        return EvalConfig()
+    try:
+        return EvalConfig.model_validate(section(await find_run_request(rt.bus, run_id), "eval"))
+    except RunNotFoundError:
+        log.warning("run request not found; evaluating with defaults", run_id=run_id)
+        return EvalConfig()
+
+
+async def handle_checkpoint(rt: ServiceRuntime, env: Envelope[CheckpointSaved], _delivery: Delivery) -> None:
+    ev = env.payload
+    if await rt.idempotency.seen(ev.digest):
+        log.info("checkpoint already evaluated", digest=ev.digest)
+        return
+    out_dir = rt.store.path("evaluations", env.run_id or "no-run", ev.digest[:16])
+    try:
+        config = await eval_config(rt, env.run_id)
+        checkpoint_dir = rt.store.resolve(ev.checkpoint.uri).parent
+        manifest = rt.store.path("datasets", ev.dataset_version, "manifest.json")
+    except (ValidationError, ValueError) as exc:
+        report = None
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        rt.current_work = f"evaluating {env.run_id} step {ev.step}"
+        try:
+            previous = await asyncio.to_thread(previous_best_checkpoint, checkpoint_dir)
+        except Exception:  # the checkpoint itself is unreadable: the evaluation reports it
+            previous = None
+        report = await asyncio.to_thread(
+            safe_evaluate, checkpoint_dir, manifest, config, previous_best=previous, out_dir=out_dir
+        )
+        rt.current_work = None
+        error = None
+    payload = _completed(rt, ev, report, error, out_dir)
+    await rt.bus.publish(payload)
+    await rt.idempotency.commit(ev.digest, payload.verdict)
+    log.info("checkpoint evaluated", step=ev.step, verdict=payload.verdict, metrics=payload.metrics)
+
+
+def _completed(rt: ServiceRuntime, ev: CheckpointSaved, report: Any, error: str | None, out_dir: Any) -> EvaluationCompleted:
+    if report is None:
+        return EvaluationCompleted(checkpoint=ev.checkpoint, checkpoint_digest=ev.digest, step=ev.step,
+                                   verdict="error", gates_passed=False, error=error, evaluator=rt.instance,
+                                   is_final=ev.is_final)
+    results = out_dir / "results.json"
+    payload = evaluation_completed(
+        report,
+        checkpoint_ref=ev.checkpoint,
+        results_ref=rt.store.ref(results) if results.exists() else None,
+        evaluator=rt.instance,
+        is_final=ev.is_final,
+    )
+    return payload.model_copy(update={"checkpoint_digest": ev.digest})
 
 
 def setup(rt: ServiceRuntime) -> None:
-    """No subscriptions yet (see the module docstring)."""
+    async def on_checkpoint(env: Envelope[CheckpointSaved], delivery: Delivery) -> None:
+        await handle_checkpoint(rt, env, delivery)
+
+    rt.bus.subscribe(CheckpointSaved, on_checkpoint)

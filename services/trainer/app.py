@@ -1,7 +1,277 @@
-"""Service wiring (filled in as the service's domain logic lands)."""
+"""trainer wiring: DatasetReady -> a training job (in a worker thread) -> events through the outbox.
 
+- One job at a time per instance (the DatasetReady subscription reads one entry at a time;
+  the bus keeps its claim alive while the job runs).
+- Every event the job emits (TrainingStarted, TrainingMetrics, CheckpointSaved, TrainerAction,
+  TrainingCompleted, RunFailed) goes through one Outbox, in order, never blocking the loop.
+- HealthAlert and TrainerCommand arrive in a per-instance consumer group (each instance sees
+  every alert and acts on those of the run it is training) and are submitted to the running
+  Trainer, which applies them between steps.
+- SIGTERM: the job checkpoints and stops, and its DatasetReady entry is handed back
+  (Requeue); the restarted instance, or another one, resumes from the last checkpoint.
+- A finished run is marked done (idempotency by run id), so a redelivery does not train again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from contracts import (
+    CheckpointSaved,
+    DatasetReady,
+    Envelope,
+    HealthAlert,
+    RunFailed,
+    TrainerAction,
+    TrainerCommand,
+    TrainingCompleted,
+    TrainingMetrics,
+    TrainingStarted,
+)
+from shared.artifacts import ArtifactDigestError, ArtifactStore
+from shared.bus import Delivery, Outbox, Requeue
+from shared.checkpoint import CheckpointError
+from shared.data.dataset import BatchLoader, DatasetError, TokenDataset
+from shared.data.manifest import ManifestError, ShardCorruptError, load_histograms
+from shared.logging import get_logger
+from shared.runs import RunNotFoundError, find_run_request, section
 from shared.service import ServiceRuntime
+
+from .config import TrainConfig
+from .control import Action, Alert, Command
+from .hooks import Callback
+from .loop import Trainer, TrainingError, TrainingResult
+
+log = get_logger("helox.trainer")
+
+
+class BusEmitter(Callback):
+    """Turns the loop's named events into contract events, through the outbox (never blocks)."""
+
+    def __init__(self, outbox: Outbox, store: ArtifactStore, run_id: str, cause: Envelope[Any], meta: dict[str, Any]):
+        self.outbox, self.store, self.run_id, self.meta = outbox, store, run_id, meta
+        self.causation_id = cause.event_id
+        self.correlation_id = cause.correlation_id or cause.event_id
+        self.last_checkpoint: CheckpointSaved | None = None
+
+    def _emit(self, payload: Any) -> None:
+        self.outbox.publish(payload, run_id=self.run_id, causation_id=self.causation_id,
+                            correlation_id=self.correlation_id)
+
+    def on_train_start(self, trainer: Trainer, resumed_from: int | None) -> None:
+        self._emit(TrainingStarted(
+            dataset_version=self.meta["dataset_version"], model_preset=self.meta["preset"],
+            n_params=sum(p.numel() for p in trainer.raw_model.parameters()), total_steps=trainer.config.max_steps,
+            world_size=trainer.ctx.world_size, device=str(trainer.device), precision=trainer.precision.mode,
+            resumed_from_step=resumed_from, instance=self.meta["instance"],
+        ))
+
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        fields = {k: v for k, v in metrics.items() if k in TrainingMetrics.model_fields and v is not None}
+        fields.setdefault("tokens_seen", trainer.state.tokens)
+        fields["data_cursor"] = trainer.data.cursor
+        self._emit(TrainingMetrics.model_validate(fields))
+
+    def on_checkpoint(self, trainer: Trainer, info: Any, reason: str) -> None:
+        # Fired once the files are durable (the background writer finished and fsynced).
+        train_loss = info.meta.get("train_loss")
+        event = CheckpointSaved(
+            step=info.step, tokens_seen=int(info.meta.get("tokens", 0)), checkpoint=self.store.ref(info.manifest),
+            digest=info.digest, dataset_version=self.meta["dataset_version"],
+            train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
+            val_loss=info.meta.get("val_loss"), reason=reason if reason in _REASONS else "interval",
+            is_final=reason == "final",
+        )
+        self.last_checkpoint = event
+        self._emit(event)
+
+    def on_action(self, trainer: Trainer, action: Action) -> None:
+        details = {k: v for k, v in action.params.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        self._emit(TrainerAction(
+            action=action.kind.value, reason=action.reason, step=trainer.state.step,
+            alert_event_id=action.alert_event_id, command_event_id=action.command_event_id, details=details,
+        ))
+
+
+_REASONS = {"interval", "final", "signal", "command", "rollback-point"}
+
+
+def train_config(train: dict[str, Any], ev: DatasetReady) -> TrainConfig:
+    """The run's `train` section, bound to its dataset: the model's vocabulary is the tokenizer's."""
+    overrides = {**train.get("model_overrides", {}), "vocab_size": ev.vocab_size}
+    return TrainConfig.model_validate({**train, "model_overrides": overrides, "dataset_version": ev.dataset_version})
+
+
+@dataclass
+class Job:
+    run_id: str
+    trainer: Trainer
+
+
+def _histogram_baseline(manifest_path: Path) -> np.ndarray | None:
+    hists = load_histograms(manifest_path)
+    train = [v for k, v in hists.items() if k.startswith("train/")]
+    return np.sum(train, axis=0) if train else None
+
+
+def build_trainer(rt: ServiceRuntime, cfg: TrainConfig, manifest_path: Path, out_dir: Path, run_id: str,
+                  callbacks: list[Callback]) -> Trainer:
+    """The Trainer for one run: the dataset's train stream and its fixed validation batches."""
+    T = cfg.curriculum.seq_len_start or cfg.batch.seq_len
+    data = BatchLoader(TokenDataset(manifest_path, "train", batch_size=cfg.batch.global_batch_size, seq_len=T,
+                                    seed=cfg.seed))
+    val = BatchLoader(TokenDataset(manifest_path, "val", batch_size=max(1, cfg.batch.global_batch_size),
+                                   seq_len=cfg.batch.seq_len, seed=cfg.seed))
+    return Trainer(cfg, data, out_dir, val_data=val, callbacks=callbacks,
+                   baseline_histogram=_histogram_baseline(manifest_path), run_id=run_id)
+
+
+class TrainerService:
+    def __init__(self, rt: ServiceRuntime) -> None:
+        self.rt = rt
+        self.outbox: Outbox | None = None
+        self.job: Job | None = None
+
+    async def start(self, _rt: ServiceRuntime) -> None:
+        s = self.rt.settings
+        assert s.redis_url
+        self.outbox = Outbox(s.redis_url, producer=self.rt.bus.producer, prefix=self.rt.bus.prefix,
+                             spill_dir=Path(s.state_dir) / "outbox" / self.rt.instance)
+
+    async def stop(self, _rt: ServiceRuntime) -> None:
+        if self.outbox:
+            await asyncio.to_thread(self.outbox.close, 10.0)
+
+    def request_stop(self) -> None:
+        if self.job:
+            self.job.trainer.request_stop("SIGTERM: checkpoint and hand the run back", kind="signal")
+
+    # --- the job ------------------------------------------------------------------------
+
+    async def on_dataset_ready(self, env: Envelope[DatasetReady], delivery: Delivery) -> None:
+        rt, ev = self.rt, env.payload
+        run_id = env.run_id
+        if not run_id:
+            return
+        try:
+            request = await find_run_request(rt.bus, run_id)
+        except RunNotFoundError as exc:
+            await self._fail(env, f"{exc}: cannot train without the run's configuration", "RunNotFoundError")
+            return
+        if "train" not in request.payload.stages:
+            return
+        if await rt.idempotency.seen(f"run:{run_id}"):
+            log.info("run already trained; skipping redelivery", run_id=run_id)
+            return
+        try:
+            cfg = train_config(section(request, "train"), ev)
+            manifest_path = rt.store.open_verified(ev.manifest)
+        except ValidationError as exc:
+            await self._fail(env, f"invalid train config: {exc}", "ValidationError")
+            return
+        except (ArtifactDigestError, FileNotFoundError, ValueError) as exc:
+            await self._fail(env, f"dataset {ev.dataset_version} unusable: {exc}", type(exc).__name__)
+            return
+
+        out_dir = rt.store.path("runs", run_id)
+        resume = "latest" if any((out_dir / cfg.checkpoint.dirname).glob("step-*")) else None
+        meta = {"dataset_version": ev.dataset_version, "instance": rt.instance,
+                "preset": cfg.model if isinstance(cfg.model, str) else "custom"}
+        assert self.outbox is not None
+        emitter = BusEmitter(self.outbox, rt.store, run_id, env, meta)
+        try:
+            trainer = await asyncio.to_thread(build_trainer, rt, cfg, manifest_path, out_dir, run_id, [emitter])
+        except (ManifestError, ShardCorruptError, DatasetError, TrainingError, CheckpointError) as exc:
+            await self._fail(env, f"cannot start training: {exc}", type(exc).__name__)
+            await rt.idempotency.commit(f"run:{run_id}", "failed")
+            return
+        except Exception as exc:
+            if delivery.delivery_count < rt.settings.max_deliveries:
+                raise  # maybe transient: the entry stays pending and is redelivered
+            await self._fail(env, f"cannot start training: {exc!r}", type(exc).__name__)
+            await rt.idempotency.commit(f"run:{run_id}", "failed")
+            return
+        self.job = Job(run_id, trainer)
+        rt.current_work = f"training {run_id}"
+        if rt.stopping.is_set():
+            trainer.request_stop("stopping before start", kind="signal")
+        try:
+            result: TrainingResult = await asyncio.to_thread(trainer.fit, resume)
+        except (CheckpointError, TrainingError, ShardCorruptError) as exc:
+            await self._fail(env, f"training failed: {exc}", type(exc).__name__)
+            await rt.idempotency.commit(f"run:{run_id}", "failed")
+            return
+        finally:
+            self.job = None
+            rt.current_work = None
+        await self._finish(env, result, emitter, delivery)
+
+    async def _finish(self, env: Envelope[DatasetReady], result: TrainingResult, emitter: BusEmitter,
+                      delivery: Delivery) -> None:
+        rt, run_id = self.rt, env.run_id or ""
+        assert self.outbox is not None
+        if result.status == "stopped" and result.reason.startswith("SIGTERM"):
+            await asyncio.to_thread(self.outbox.flush, 30.0)
+            raise Requeue(f"run {run_id} stopped at step {result.final_step} for shutdown; resumable")
+        if result.status == "completed" or result.status == "stopped":
+            if result.last_checkpoint is None or result.last_checkpoint_digest is None:
+                await self._fail(env, "training ended without a checkpoint", "TrainingError")
+                return
+            best = result.best_checkpoint
+            done = TrainingCompleted(
+                final_step=result.final_step, tokens_seen=result.tokens,
+                final_loss=result.final_loss if result.final_loss is not None else float("nan"),
+                best_val_loss=result.best_val_loss,
+                final_checkpoint=rt.store.ref(result.last_checkpoint / "manifest.json"),
+                final_checkpoint_digest=result.last_checkpoint_digest,
+                best_checkpoint=rt.store.ref(best / "manifest.json") if best and best.exists() else None,
+                wall_time_s=result.wall_time_s, rollbacks=result.rollbacks, skipped_steps=result.skipped_steps,
+            )
+            emitter._emit(done)
+        else:  # halted by the policy
+            emitter._emit(RunFailed(stage="train", reason=result.reason or "halted", error_type="Halted"))
+        if not await asyncio.to_thread(self.outbox.flush, 60.0):
+            raise RuntimeError("events could not be delivered to Redis; the run's entry stays pending")
+        await rt.idempotency.commit(f"run:{run_id}", result.status)
+        log.info("training finished", run_id=run_id, status=result.status, steps=result.final_step,
+                 loss=result.final_loss, rollbacks=result.rollbacks)
+
+    async def _fail(self, env: Envelope[Any], reason: str, error_type: str) -> None:
+        log.error("training run failed", run_id=env.run_id, reason=reason)
+        await self.rt.bus.publish(RunFailed(stage="train", reason=reason[:2000], error_type=error_type))
+
+    # --- control ------------------------------------------------------------------------
+
+    async def on_alert(self, env: Envelope[HealthAlert], _delivery: Delivery) -> None:
+        job, a = self.job, env.payload
+        if job is None or env.run_id != job.run_id:
+            return
+        job.trainer.submit(Alert(kind=a.kind, severity=a.severity, step_start=a.step_start, step_end=a.step_end,
+                                 recommended_action=a.recommended_action, message=a.message, state=a.state,
+                                 event_id=str(env.event_id), incident_id=a.incident_id))
+
+    async def on_command(self, env: Envelope[TrainerCommand], _delivery: Delivery) -> None:
+        job, c = self.job, env.payload
+        if job is None or env.run_id != job.run_id:
+            return
+        job.trainer.submit(Command(command=c.command, value=c.value, reason=c.reason, event_id=str(env.event_id)))
 
 
 def setup(rt: ServiceRuntime) -> None:
-    """No subscriptions yet."""
+    svc = TrainerService(rt)
+    rt.state["trainer"] = svc
+    rt.on_startup(svc.start)
+    rt.on_shutdown(svc.stop)
+    rt.on_stop_requested(lambda _rt: svc.request_stop())  # the job checkpoints and stops first
+    control_group = f"trainer-control-{rt.instance}"
+    rt.bus.subscribe(DatasetReady, svc.on_dataset_ready)
+    rt.bus.subscribe(HealthAlert, svc.on_alert, group=control_group)
+    rt.bus.subscribe(TrainerCommand, svc.on_command, group=control_group)
+

@@ -2,6 +2,6 @@
 
 from .idempotency import Idempotency, idempotent
 from .outbox import Outbox
-from .runtime import CURRENT_EVENT, Bus, Delivery
+from .runtime import CURRENT_EVENT, Bus, Delivery, Requeue
 
-__all__ = ["CURRENT_EVENT", "Bus", "Delivery", "Idempotency", "Outbox", "idempotent"]
+__all__ = ["CURRENT_EVENT", "Bus", "Delivery", "Idempotency", "Outbox", "Requeue", "idempotent"]

@@ -64,6 +64,12 @@ CURRENT_EVENT: ContextVar[Envelope[Any] | None] = ContextVar("helox_current_even
 """The envelope being handled in this task: publish() takes causation and run_id from it."""
 
 
+class Requeue(Exception):  # noqa: N818  (a signal, not an error)
+    """Raised by a handler to leave its entry pending without counting a failure: e.g. a
+    trainer stopped by SIGTERM after checkpointing, so that the next instance (or this
+    one restarted) resumes the job. The entry is reclaimed after `reclaim_idle_ms`."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """Where a handled entry came from."""
@@ -385,6 +391,9 @@ class Bus:
                 await sub.handler(env, delivery)
         except asyncio.CancelledError:
             raise  # shutting down: leave it pending for another instance
+        except Requeue as exc:
+            log.info("handler handed its entry back", stream=sub.stream, entry_id=entry_id, reason=str(exc))
+            return False
         except Exception as exc:
             self.stats.failed += 1
             if count >= self.settings.max_deliveries:

@@ -62,7 +62,7 @@ ARCHITECTURE_SERVICES = {
     ),
     "health-monitor": ({"train.metrics", "train.started", "train.completed", "runs.failed", "train.actions"}, {"health.alerts"}),
     "evaluator": ({"train.checkpoint-saved"}, {"eval.completed", "runs.failed"}),
-    "exporter": ({"eval.completed", "train.completed"}, {"export.model-ready"}),
+    "exporter": ({"eval.completed", "train.completed"}, {"export.model-ready", "runs.failed"}),
 }
 TRIMMED = {"train.metrics", "services.heartbeat", "data.progress"}
 

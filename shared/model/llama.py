@@ -1,0 +1,297 @@
+"""A Llama-style decoder in one file: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Module names follow transformers' `LlamaForCausalLM` so that export is a renaming:
+`hf_state_dict(model)` prefixes `model.` to everything but `lm_head`. RoPE uses the HF
+`rotate_half` layout (dimension i of a head is paired with i + head_dim/2), so Q/K weights
+map to transformers unchanged; llama.cpp pairs consecutive dimensions and its converter
+permutes Q and K rows (`permute(w, n_head)`, K with n_kv_head).
+
+Shapes in comments: B batch, T new tokens, S keys (cached + new), C d_model,
+H query heads, K key/value heads, D head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class SequenceTooLongError(ValueError):
+    """A forward pass reached past `max_seq_len` (the RoPE tables' length)."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as HF does) so bf16 autocast does not lose the small variances.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, D] in the rotate_half layout: frequencies repeated as (f, f)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # [max_len, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, D]
+    return emb.cos().float(), emb.sin().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, 1, T, D] (or broadcastable)."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values per layer, [B, K, max_len, D], filled left to right.
+
+    `pos` counts the positions already filled; the model advances it after each forward.
+    """
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_len: int, *, device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if max_len > config.max_seq_len:
+            raise SequenceTooLongError(
+                f"KV cache of {max_len} positions exceeds max_seq_len={config.max_seq_len}; "
+                "generate fewer tokens or build the model with a larger max_seq_len"
+            )
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, K, T, D] at `pos` and return all keys/values so far, [B, K, S, D]."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise SequenceTooLongError(f"KV cache full: {end} positions > {self.max_len}")
+        self.k[layer][:, :, self.pos:end] = k.to(self.k[layer].dtype)
+        self.v[layer][:, :, self.pos:end] = v.to(self.v[layer].dtype)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        C = config.d_model
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # [B, K, S, D]
+        # attn_mask None means plain causal over T == S (or a single new token seeing all keys).
+        is_causal = attn_mask is None and q.size(2) == k.size(2) and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+        )  # [B, H, T, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    @torch.no_grad()
+    def attention_probs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Explicit causal attention weights [B, H, T, T] (for probes; SDPA never materialises them)."""
+        q, k, _ = self._qkv(x, cos, sin)
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # [B, H, T, D]
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, H, T, T]
+        T = x.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, C]
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))  # [B, T, C]
+
+
+class Llama(nn.Module):
+    """Decoder-only language model; `forward` returns logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Derived from the config, so not part of the state dict (nor of checkpoints/exports).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2*n_layer) (GPT-2)."""
+        std = self.config.init_std
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm gains
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def num_params(self, *, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # shared (tied) parameters counted once
+        if exclude_embedding and not self.config.tie_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V].
+
+        position_ids [B, T]: RoPE positions (default: consecutive from the cache position).
+        attention_mask [B, S]: 1 for real tokens, 0 for padding, over every key position
+        (cached + new, S = kv_cache.pos + T); combined with the causal mask.
+        kv_cache: appended to and advanced by T.
+        """
+        B, T = input_ids.shape
+        offset = kv_cache.pos if kv_cache is not None else 0
+        if position_ids is None:
+            if offset + T > self.config.max_seq_len:
+                raise SequenceTooLongError(
+                    f"sequence of {offset + T} tokens exceeds max_seq_len={self.config.max_seq_len}; "
+                    "shorten the input or raise ModelConfig.max_seq_len"
+                )
+            cos = self.rope_cos[offset:offset + T][None, None]  # [1, 1, T, D]
+            sin = self.rope_sin[offset:offset + T][None, None]
+        else:
+            if int(position_ids.max()) >= self.config.max_seq_len:
+                raise SequenceTooLongError(
+                    f"position id {int(position_ids.max())} >= max_seq_len={self.config.max_seq_len}"
+                )
+            cos = self.rope_cos[position_ids].unsqueeze(1)  # [B, 1, T, D]
+            sin = self.rope_sin[position_ids].unsqueeze(1)
+        mask = None
+        if attention_mask is not None or (kv_cache is not None and offset > 0 and T > 1):
+            mask = self._mask(attention_mask, B, T, offset, input_ids.device)  # [B, 1, T, S]
+
+        x = self.embed_tokens(input_ids)  # [B, T, C]
+        for block in self.layers:
+            x = block(x, cos, sin, mask, kv_cache)
+        x = self.norm(x)
+        if kv_cache is not None:
+            kv_cache.pos = offset + T
+        return self.lm_head(x)  # [B, T, V]
+
+    @staticmethod
+    def _mask(attention_mask: torch.Tensor | None, B: int, T: int, offset: int, device) -> torch.Tensor:
+        S = offset + T
+        q_idx = torch.arange(offset, S, device=device)[:, None]  # [T, 1]
+        k_idx = torch.arange(S, device=device)[None, :]  # [1, S]
+        allowed = (k_idx <= q_idx)[None, None]  # [1, 1, T, S]
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(
+                    f"attention_mask must be [B, S] = [{B}, {S}] (cached + new), got {tuple(attention_mask.shape)}"
+                )
+            allowed = allowed & attention_mask.bool()[:, None, None, :]
+            # A padding query that sees no key would give NaN; let every query see itself.
+            allowed = allowed | (k_idx == q_idx)[None, None]
+        return allowed.expand(B, 1, T, S)
+
+
+# --- transformers mapping ---------------------------------------------------------------
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> `LlamaForCausalLM`'s (`layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj.weight`)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
+    """The state dict under transformers' names; `lm_head.weight` omitted when tied
+    (transformers re-ties it from `tie_word_embeddings=True`)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if model.config.tie_embeddings and name == "lm_head.weight":
+            continue
+        out[hf_name(name)] = t
+    return out
+
+
+def hf_config(config: ModelConfig) -> dict:
+    """Keyword arguments for `transformers.LlamaConfig` describing the same network."""
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.ffn_hidden,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_seq_len,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+    )

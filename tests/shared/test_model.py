@@ -1,0 +1,222 @@
+"""The Llama-style decoder: shapes, causality, GQA, masks, KV-cache generation, HF names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared.model import (
+    PRESETS,
+    KVCache,
+    Llama,
+    ModelConfig,
+    SequenceTooLongError,
+    UnknownPresetError,
+    generate,
+    hf_config,
+    hf_state_dict,
+    model_preset,
+    sample_next,
+)
+from shared.model.llama import apply_rope, rope_tables
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Llama:
+    torch.manual_seed(0)
+    return Llama(model_preset("tiny")).eval()
+
+
+def test_presets_have_the_sizes_their_names_promise():
+    expected = {"tiny": (0.5e6, 1.5e6), "10m": (8e6, 12e6), "125m": (110e6, 140e6), "350m": (320e6, 380e6),
+                "1b": (0.95e9, 1.2e9)}
+    assert set(PRESETS) == set(expected)
+    for name, (lo, hi) in expected.items():
+        assert lo <= model_preset(name).num_params() <= hi, name
+    assert Llama(model_preset("tiny")).num_params() == model_preset("tiny").num_params()
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(UnknownPresetError, match="tiny"):
+        model_preset("7b")
+
+
+def test_config_refuses_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match="n_kv_head"):
+        ModelConfig(vocab_size=10, n_layer=1, n_head=4, n_kv_head=3, d_model=32, ffn_hidden=64)
+
+
+def test_forward_shapes(tiny):
+    ids = torch.randint(0, 1024, (3, 17))
+    assert tiny(ids).shape == (3, 17, 1024)
+
+
+def test_forward_is_causal(tiny):
+    ids = torch.randint(0, 1024, (2, 24))
+    changed = ids.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 1024
+    with torch.no_grad():
+        a, b = tiny(ids), tiny(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=64, max_seq_len=32)
+    m = Llama(cfg).eval()
+    attn = m.layers[0].self_attn
+    x = torch.randn(2, 10, 32)
+    cos, sin = m.rope_cos[:10][None, None], m.rope_sin[:10][None, None]
+    with torch.no_grad():
+        out = attn(x, cos, sin)
+        q, k, v = attn._qkv(x, cos, sin)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ref = attn.o_proj(ref.transpose(1, 2).reshape(2, 10, 32))
+        probs = attn.attention_probs(x, cos, sin)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 10))
+    assert torch.all(probs.triu(1) == 0)
+
+
+def test_rope_uses_the_rotate_half_layout():
+    # Dimension i pairs with i + D/2 (HF); a rotation preserves the norm of each pair.
+    cos, sin = rope_tables(8, 16, 10000.0)
+    x = torch.randn(1, 1, 16, 8)
+    y = apply_rope(x, cos[None, None], sin[None, None])
+    pair_norm = lambda t: t[..., :4] ** 2 + t[..., 4:] ** 2  # noqa: E731
+    torch.testing.assert_close(pair_norm(x), pair_norm(y))
+    torch.testing.assert_close(y[..., 0, :], x[..., 0, :])  # position 0 is not rotated
+
+
+def test_position_ids_default_to_consecutive(tiny):
+    ids = torch.randint(0, 1024, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(ids), tiny(ids, position_ids=torch.arange(9).expand(2, 9)))
+
+
+def test_attention_mask_makes_left_padding_invisible(tiny):
+    ids = torch.randint(0, 1024, (1, 8))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 8)], dim=1).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = tiny(ids)
+        out = tiny(padded, attention_mask=mask, position_ids=pos)
+    torch.testing.assert_close(out[:, 3:], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_share_storage_and_untied_do_not():
+    tied = Llama(model_preset("tiny"))
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    untied = Llama(model_preset("tiny", tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+
+
+def test_residual_projections_get_the_scaled_init():
+    torch.manual_seed(0)
+    m = Llama(model_preset("10m"))
+    std_q = m.layers[0].self_attn.q_proj.weight.std().item()
+    std_o = m.layers[0].self_attn.o_proj.weight.std().item()
+    assert std_q == pytest.approx(0.02, rel=0.05)
+    assert std_o == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.05)
+
+
+def test_too_long_sequences_are_refused_with_guidance(tiny):
+    with pytest.raises(SequenceTooLongError, match="max_seq_len"):
+        tiny(torch.zeros(1, 513, dtype=torch.long))
+
+
+def test_kv_cache_forward_matches_full_forward(tiny):
+    ids = torch.randint(0, 1024, (2, 12))
+    cache = KVCache(tiny.config, 2, 12)
+    with torch.no_grad():
+        full = tiny(ids)
+        a = tiny(ids[:, :5], kv_cache=cache)
+        b = tiny(ids[:, 5:9], kv_cache=cache)  # a multi-token chunk on a non-empty cache
+        c = tiny(ids[:, 9:10], kv_cache=cache)
+        d = tiny(ids[:, 10:], kv_cache=cache)
+    torch.testing.assert_close(torch.cat([a, b, c, d], dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == 12
+
+
+def _greedy_without_cache(model, ids, n):
+    out = ids
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(out)[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], dim=1)
+    return out
+
+
+def test_kv_cache_greedy_generation_equals_full_forward_greedy(tiny):
+    ids = torch.randint(0, 1024, (2, 6))
+    torch.testing.assert_close(generate(tiny, ids, 10), _greedy_without_cache(tiny, ids, 10))
+
+
+def test_generation_with_left_padding_matches_unpadded_rows(tiny):
+    a = torch.randint(0, 1024, (1, 6))
+    b = torch.randint(0, 1024, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 2, dtype=torch.long), b], dim=1)])
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    out = generate(tiny, batch, 5, attention_mask=mask)
+    torch.testing.assert_close(out[0], generate(tiny, a, 5)[0])
+    torch.testing.assert_close(out[1, 2:], generate(tiny, b, 5)[0])
+
+
+def test_eos_stops_generation_and_pads_finished_rows(tiny):
+    ids = torch.randint(0, 1024, (1, 4))
+    first = generate(tiny, ids, 1)[0, -1].item()
+    out = generate(tiny, ids, 8, eos_token_id=first)
+    assert out.shape == (1, 5) and out[0, -1].item() == first
+
+
+def test_sampling_is_reproducible_with_a_generator_and_respects_top_k(tiny):
+    ids = torch.randint(0, 1024, (2, 4))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = generate(tiny, ids, 6, temperature=1.0, top_k=5, generator=g1)
+    b = generate(tiny, ids, 6, temperature=1.0, top_k=5, generator=g2)
+    torch.testing.assert_close(a, b)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    draws = {sample_next(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(s)).item()
+             for s in range(50)}
+    assert draws <= {3, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {sample_next(logits, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(s)).item()
+             for s in range(100)}
+    assert draws == {0, 1}
+    assert sample_next(logits, temperature=0.0).item() == 0
+
+
+def test_hf_names_and_config_map_to_llama_for_causal_lm():
+    m = Llama(model_preset("tiny"))
+    sd = hf_state_dict(m)
+    assert "model.embed_tokens.weight" in sd and "lm_head.weight" not in sd  # tied: re-tied by transformers
+    assert "model.layers.0.self_attn.q_proj.weight" in sd
+    assert "model.layers.3.mlp.down_proj.weight" in sd
+    assert "model.layers.0.post_attention_layernorm.weight" in sd and "model.norm.weight" in sd
+    untied = hf_state_dict(Llama(model_preset("tiny", tie_embeddings=False)))
+    assert "lm_head.weight" in untied
+    cfg = hf_config(m.config)
+    assert cfg["num_key_value_heads"] == 2 and cfg["tie_word_embeddings"] is True
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_match_transformers_llama_for_causal_lm(tied):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = Llama(model_preset("tiny", tie_embeddings=tied)).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(m.config))).eval()
+    missing, unexpected = hf.load_state_dict(hf_state_dict(m), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    if tied:
+        hf.tie_weights()
+    ids = torch.randint(0, 1024, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, m(ids), atol=1e-4, rtol=1e-4)
