@@ -412,6 +412,159 @@ def data_verify(
     raise typer.Exit(1)
 
 
+# --- training, evaluation, export without the bus ---------------------------------------
+
+
+def _signing_key(settings: HeloxSettings) -> str:
+    from .stack import local_signing_key
+
+    return settings.signing_key.get_secret_value() if settings.signing_key else local_signing_key(settings.state_dir)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config YAML (its train section).")],
+    dataset: Annotated[str, typer.Option(help="Dataset version (or its directory) in the artifact store.")],
+    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint directory.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: <artifacts>/runs/<name>).")] = None,
+) -> None:
+    """Train on a prepared dataset here, without the bus (metrics as log lines)."""
+    from services.trainer.app import build_trainer, train_config
+    from services.trainer.metrics import FunctionEmitter
+    from shared.artifacts import ArtifactStore
+    from shared.data.manifest import load_manifest
+
+    try:
+        cfg = load_run_config(config)
+        settings = load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    manifest_path = _manifest_path(settings, dataset)
+    m = load_manifest(manifest_path)
+    tcfg = train_config(cfg.train, vocab_size=m.tokenizer.vocab_size, dataset_version=m.version)
+    run_dir = out or ArtifactStore(settings.artifacts).path("runs", cfg.name)
+
+    def show(metrics: dict[str, Any]) -> None:
+        console.print(f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f} "
+                      f"lr {metrics.get('lr', 0):.2e} tok/s {metrics.get('tokens_per_s', 0):.0f}", highlight=False)
+
+    trainer = build_trainer(tcfg, manifest_path, run_dir, cfg.name, [FunctionEmitter(show)])
+    signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: trainer.request_stop("interrupted"))
+    result = trainer.fit(resume)
+    console.print(f"[{'green' if result.status == 'completed' else 'yellow'}]{result.status}[/]: step "
+                  f"{result.final_step}, loss {result.final_loss}, best val {result.best_val_loss}, "
+                  f"last checkpoint {result.last_checkpoint}", highlight=False)
+    raise typer.Exit(0 if result.status in ("completed", "stopped") else 1)
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    suite: Annotated[Path | None, typer.Option(help="Directory of test suites (YAML/JSONL).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset version or directory (default: the checkpoint's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where results.json goes.")] = None,
+) -> None:
+    """Evaluate one checkpoint here, without the bus."""
+    from services.evaluator.evaluate import dataset_manifest_for, run_cli_eval
+
+    settings = _settings()
+    manifest = _manifest_path(settings, dataset) if dataset else dataset_manifest_for(checkpoint, settings.artifacts)
+    summary = run_cli_eval(checkpoint, suite, manifest, out or checkpoint / "evaluation")
+    console.print(summary, highlight=False)
+    raise typer.Exit(1 if "error" in summary.split("\n", 1)[0].lower() else 0)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    formats: Annotated[str, typer.Option("--format", help="Comma-separated: native,hf,onnx,gguf,tensorrt.")] = "native,hf,onnx,gguf",
+    dataset: Annotated[str | None, typer.Option(help="Dataset version or directory (default: the checkpoint's).")] = None,
+) -> None:
+    """Export a checkpoint (verified, fingerprinted, watermarked, signed) without the bus."""
+    from services.evaluator.evaluate import dataset_manifest_for
+    from services.exporter.export import dataset_tokenizer, export_checkpoint
+
+    settings = _settings()
+    manifest = _manifest_path(settings, dataset) if dataset else dataset_manifest_for(checkpoint, settings.artifacts)
+    meta = json.loads((checkpoint / "manifest.json").read_text()).get("meta", {})
+    result = export_checkpoint(checkpoint, dataset_tokenizer(manifest), [f.strip() for f in formats.split(",")], out,
+                               run_id=meta.get("run_id") or "offline", dataset_version=meta.get("dataset_version"),
+                               config_hash="0" * 64, signing_key=_signing_key(settings))
+    for name, entry in result.formats.items():
+        console.print(f"  {name:<10} {entry.get('status', 'ok'):<8} {entry.get('main', entry.get('reason', ''))}",
+                      highlight=False)
+    console.print(f"[green]exported[/green] {result.model_id} to {result.path} (fingerprint {result.fingerprint[:16]}…)")
+
+
+@app.command()
+def verify(path: Annotated[Path, typer.Argument(help="Export directory.")]) -> None:
+    """Check an export's digests, fingerprint, signature and watermark; say which failed."""
+    from services.exporter.verify import verify_export
+
+    report = verify_export(path, _signing_key(_settings()))
+    console.print(report.summary(), highlight=False)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _run_events(client: redis.Redis, prefix: str, run_id: str) -> list[Envelope[Any]]:
+    events = []
+    for key, t in TOPICS.items():
+        if key in ("services.heartbeat", "dlq"):
+            continue
+        for _id, fields in client.xrange(t.stream(prefix)):
+            env = admin.decode_entry(fields)
+            if env is not None and env.run_id == run_id:
+                events.append(env)
+    return sorted(events, key=lambda e: e.occurred_at)
+
+
+@app.command()
+def watch(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    once: Annotated[bool, typer.Option(help="Render once and exit.")] = False,
+    refresh: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+) -> None:
+    """A live view of a run: loss and LR sparklines, throughput, grad norm, alerts and actions."""
+    from rich.live import Live
+
+    from services.health_monitor.watch import render_watch
+
+    settings = _settings()
+    client = _client(settings)
+    if once:
+        console.print(render_watch(_run_events(client, settings.topic_prefix, run_id), run_id=run_id))
+        return
+    with Live(console=console, refresh_per_second=4) as live, contextlib.suppress(KeyboardInterrupt):
+        while True:
+            events = _run_events(client, settings.topic_prefix, run_id)
+            live.update(render_watch(events, run_id=run_id))
+            if any(isinstance(e.payload, (TrainingCompleted, RunFailed, ModelReady)) for e in events[-5:]):
+                break
+            time.sleep(refresh)
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default: <artifacts>/reports/<run>.html).")] = None,
+) -> None:
+    """Write an HTML report of a run (plots of loss, LR, grad norm, throughput, alerts, rollbacks) from its events."""
+    from services.health_monitor.report import render_report
+    from shared.artifacts import ArtifactStore, atomic_write_bytes
+
+    settings = _settings()
+    events = _run_events(_client(settings), settings.topic_prefix, run_id)
+    if not events:
+        err.print(f"[red]error:[/red] no events for run {run_id!r}")
+        raise typer.Exit(1)
+    path = out or ArtifactStore(settings.artifacts).path("reports", f"{run_id}.html")
+    atomic_write_bytes(path, render_report(events, title=f"Helox run {run_id}").encode())
+    console.print(f"report: {path}")
+
+
 # --- the main job ---------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -109,6 +110,8 @@ class LocalStack:
         )
         if self.config_path:
             env["HELOX_CONFIG"] = str(self.config_path)
+        if self.settings.signing_key is None:
+            env["HELOX_SIGNING_KEY"] = local_signing_key(self.state_dir)
         return env
 
     def _spawn(self, slot: Slot) -> None:
@@ -167,6 +170,18 @@ class LocalStack:
             self.redis.stop()
             self.redis = None
         self.state_file.unlink(missing_ok=True)
+
+
+def local_signing_key(state_dir: str | os.PathLike[str]) -> str:
+    """A development signing key kept in the state directory (created once, mode 0600), used
+    when HELOX_SIGNING_KEY is not set so that a local stack still signs its exports."""
+    path = Path(state_dir).resolve() / "signing.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip()
 
 
 def find_running_stack(settings: HeloxSettings) -> str | None:

@@ -1,8 +1,125 @@
-"""exporter wiring. Exports arrive with the exporter issue; until then the instance runs,
-heartbeats and stops cleanly, consuming nothing."""
+"""exporter wiring: EvaluationCompleted (gates passed) or TrainingCompleted -> export -> ModelReady.
 
+Which event triggers an export, and of which checkpoint, is the run's `export` section
+(ExportConfig.on / .checkpoint). Idempotent by checkpoint digest: a redelivered event, or
+a second exporter instance, finds the digest done (and the export directory complete).
+The export runs in a worker thread; the bus keeps the entry's claim alive meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts import Envelope, EvaluationCompleted, Lineage, ModelReady, RunFailed, TrainingCompleted
+from shared.bus import Delivery
+from shared.checkpoint import CheckpointError
+from shared.logging import get_logger
+from shared.runs import RunNotFoundError, find_run_request, section
 from shared.service import ServiceRuntime
+from shared.version import code_version
+
+from .config import ExportConfig
+from .export import (
+    ExportDecision,
+    ExportError,
+    checkpoint_to_export,
+    dataset_tokenizer,
+    export_checkpoint,
+    model_ready_payload,
+)
+
+log = get_logger("helox.exporter")
+
+
+class ExporterService:
+    def __init__(self, rt: ServiceRuntime) -> None:
+        self.rt = rt
+
+    async def handle(self, env: Envelope[EvaluationCompleted | TrainingCompleted], delivery: Delivery) -> None:
+        rt, run_id = self.rt, env.run_id
+        if not run_id:
+            return
+        try:
+            request = await find_run_request(rt.bus, run_id)
+            config = ExportConfig.model_validate(section(request, "export"))
+        except RunNotFoundError:
+            log.warning("run request not found; not exporting", run_id=run_id)
+            return
+        except ValidationError as exc:
+            await self._fail(f"invalid export config: {exc}", "ValidationError")
+            return
+        if "export" not in request.payload.stages:
+            return
+        best = await rt.idempotency.result(f"best:{run_id}")
+        decision = checkpoint_to_export(config, env.payload, best_val_loss=float(best) if best else None)
+        if decision is None or await rt.idempotency.seen(decision.digest):
+            return
+        key = rt.settings.signing_key
+        if key is None:
+            await self._fail("HELOX_SIGNING_KEY is not set: exports must be signed", "ConfigError")
+            return
+        rt.current_work = f"exporting {run_id} ({decision.reason})"
+        try:
+            ready = await asyncio.to_thread(self._export, decision, config, request.payload.config_hash, run_id,
+                                            key.get_secret_value(), _metrics(env.payload))
+        except (CheckpointError, ExportError, FileNotFoundError) as exc:
+            await self._fail(f"export of {decision.checkpoint.uri} failed: {exc}", type(exc).__name__)
+            await rt.idempotency.commit(decision.digest, "failed")
+            return
+        except Exception as exc:
+            if delivery.delivery_count < rt.settings.max_deliveries:
+                raise
+            await self._fail(f"export failed after {delivery.delivery_count} attempts: {exc!r}", type(exc).__name__)
+            await rt.idempotency.commit(decision.digest, "failed")
+            return
+        finally:
+            rt.current_work = None
+        await rt.bus.publish(ready)
+        await rt.idempotency.commit(decision.digest, ready.model_id)
+        loss = ready.metrics.get("val_loss")
+        if loss is not None:
+            await rt.idempotency.commit(f"best:{run_id}", str(loss))
+        log.info("model ready", model_id=ready.model_id, formats=sorted(ready.formats))
+
+    def _export(self, decision: ExportDecision, config: ExportConfig, config_hash: str, run_id: str, key: str,
+                metrics: dict[str, float]) -> ModelReady:
+        store = self.rt.store
+        checkpoint_dir = store.resolve(decision.checkpoint.uri).parent
+        meta = json.loads((checkpoint_dir / "manifest.json").read_text()).get("meta", {})
+        dataset_version = meta.get("dataset_version")
+        if not dataset_version:
+            raise ExportError(f"{checkpoint_dir} does not name its dataset version; cannot find its tokenizer")
+        tokenizer = dataset_tokenizer(store.path("datasets", dataset_version, "manifest.json"))
+        result = export_checkpoint(
+            checkpoint_dir, tokenizer, None, store.path(config.out_dir), run_id=run_id,
+            dataset_version=dataset_version, config_hash=config_hash, signing_key=key, config=config,
+            metrics=metrics, expected_digest=decision.digest, code_version=code_version(),
+        )
+        step = decision.step if decision.step is not None else int(json.loads(
+            (checkpoint_dir / "manifest.json").read_text()).get("step", 0))
+        lineage = Lineage(run_id=run_id, dataset_version=dataset_version, checkpoint_step=step,
+                          checkpoint_digest=decision.digest, config_hash=config_hash, code_version=code_version())
+        return model_ready_payload(result, store, metrics, lineage)
+
+    async def _fail(self, reason: str, error_type: str) -> None:
+        log.error("export failed", reason=reason)
+        await self.rt.bus.publish(RunFailed(stage="export", reason=reason[:2000], error_type=error_type))
+
+
+def _metrics(event: Any) -> dict[str, float]:
+    if isinstance(event, EvaluationCompleted):
+        return {k: float(v) for k, v in event.metrics.items()}
+    out = {"final_loss": float(event.final_loss)}
+    if event.best_val_loss is not None:
+        out["best_val_loss"] = float(event.best_val_loss)
+    return out
 
 
 def setup(rt: ServiceRuntime) -> None:
-    """No subscriptions yet (see the module docstring)."""
+    svc = ExporterService(rt)
+    rt.bus.subscribe(EvaluationCompleted, svc.handle)
+    rt.bus.subscribe(TrainingCompleted, svc.handle)

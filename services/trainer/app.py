@@ -87,7 +87,8 @@ class BusEmitter(Callback):
             digest=info.digest, dataset_version=self.meta["dataset_version"],
             train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
             val_loss=info.meta.get("val_loss"), reason=reason if reason in _REASONS else "interval",
-            is_final=reason == "final",
+            # The last step's checkpoint is the final one even when an interval wrote it.
+            is_final=reason == "final" or info.step >= trainer.config.max_steps,
         )
         self.last_checkpoint = event
         self._emit(event)
@@ -103,10 +104,10 @@ class BusEmitter(Callback):
 _REASONS = {"interval", "final", "signal", "command", "rollback-point"}
 
 
-def train_config(train: dict[str, Any], ev: DatasetReady) -> TrainConfig:
+def train_config(train: dict[str, Any], *, vocab_size: int, dataset_version: str) -> TrainConfig:
     """The run's `train` section, bound to its dataset: the model's vocabulary is the tokenizer's."""
-    overrides = {**train.get("model_overrides", {}), "vocab_size": ev.vocab_size}
-    return TrainConfig.model_validate({**train, "model_overrides": overrides, "dataset_version": ev.dataset_version})
+    overrides = {**train.get("model_overrides", {}), "vocab_size": vocab_size}
+    return TrainConfig.model_validate({**train, "model_overrides": overrides, "dataset_version": dataset_version})
 
 
 @dataclass
@@ -121,7 +122,7 @@ def _histogram_baseline(manifest_path: Path) -> np.ndarray | None:
     return np.sum(train, axis=0) if train else None
 
 
-def build_trainer(rt: ServiceRuntime, cfg: TrainConfig, manifest_path: Path, out_dir: Path, run_id: str,
+def build_trainer(cfg: TrainConfig, manifest_path: Path, out_dir: Path, run_id: str | None,
                   callbacks: list[Callback]) -> Trainer:
     """The Trainer for one run: the dataset's train stream and its fixed validation batches."""
     T = cfg.curriculum.seq_len_start or cfg.batch.seq_len
@@ -171,7 +172,7 @@ class TrainerService:
             log.info("run already trained; skipping redelivery", run_id=run_id)
             return
         try:
-            cfg = train_config(section(request, "train"), ev)
+            cfg = train_config(section(request, "train"), vocab_size=ev.vocab_size, dataset_version=ev.dataset_version)
             manifest_path = rt.store.open_verified(ev.manifest)
         except ValidationError as exc:
             await self._fail(env, f"invalid train config: {exc}", "ValidationError")
@@ -187,7 +188,7 @@ class TrainerService:
         assert self.outbox is not None
         emitter = BusEmitter(self.outbox, rt.store, run_id, env, meta)
         try:
-            trainer = await asyncio.to_thread(build_trainer, rt, cfg, manifest_path, out_dir, run_id, [emitter])
+            trainer = await asyncio.to_thread(build_trainer, cfg, manifest_path, out_dir, run_id, [emitter])
         except (ManifestError, ShardCorruptError, DatasetError, TrainingError, CheckpointError) as exc:
             await self._fail(env, f"cannot start training: {exc}", type(exc).__name__)
             await rt.idempotency.commit(f"run:{run_id}", "failed")
