@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -680,6 +681,8 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: Any, run_
             return 1
         if isinstance(p, terminal) and (not isinstance(p, EvaluationCompleted) or p.is_final):
             _summary(seen, run_id, ok=True)
+            if isinstance(p, ModelReady):
+                _show_model(p, settings)
             return 0
     return 1
 
@@ -693,6 +696,28 @@ def _summary(seen: dict[str, Envelope[Any]], run_id: str, *, ok: bool) -> None:
             continue
         table.add_row(name, describe(env))
     console.print(table)
+
+
+SAMPLE_PROMPT = "def "
+
+
+def _show_model(ready: ModelReady, settings: HeloxSettings) -> None:
+    """Where the exports are, the headline metrics, and a sample from the exported model
+    (loaded and verified the way Cyrex loads it: ONNX Runtime, signature checked)."""
+    from cyrex_example.loader import export_dir_of, load_from_event
+
+    console.print(f"[bold]model {ready.model_id}[/bold] in {export_dir_of(ready)}")
+    for name, ref in sorted(ready.formats.items()):
+        console.print(f"  {name:<10} {ref.uri.removeprefix('file://')} ({ref.size_bytes / 1e6:.1f} MB)", highlight=False)
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in ready.metrics.items())
+    console.print(f"  metrics: {metrics}", highlight=False)
+    try:
+        model = load_from_event(ready, _signing_key(settings), runtime="onnx" if "onnx" in ready.formats else "hf")
+        sample = re.sub(r"\n{3,}", "\n\n", model.answer(SAMPLE_PROMPT, max_new_tokens=48))
+    except Exception as exc:  # the run succeeded; a sample is a courtesy
+        err.print(f"[yellow]could not sample from the export: {exc}[/yellow]")
+        return
+    console.print(f"  sample ({SAMPLE_PROMPT!r} ->):\n{SAMPLE_PROMPT}{sample}", highlight=False)
 
 
 def main() -> None:
