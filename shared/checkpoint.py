@@ -385,6 +385,7 @@ class CheckpointWriter:
             except BaseException as exc:
                 fut.set_exception(exc)
                 raise
+            self._pending.append(fut)  # reported by done() like a background write
             return fut
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)

@@ -118,6 +118,10 @@ class ControlPolicy:
                 raise ControlError(f"rule for {kind!r} names unknown actions {sorted(bad)}; use {sorted(_RULE_NAMES)}")
         self.rollbacks = 0
         self.spikes: deque[int] = deque()
+        self.handled: tuple[int, int] | None = None
+        """Steps [start, end] of the last incident answered by a rollback: further alerts that
+        start inside it describe the same incident (another detector, a late arrival) and are
+        only recorded, so one incident costs one rollback and one LR cut."""
 
     def decide(self, item: Alert | Command, step: int) -> list[Action]:
         if isinstance(item, Command):
@@ -167,12 +171,17 @@ class ControlPolicy:
         if names is None:
             names = RECOMMENDED.get(a.recommended_action or "record", ["record"])
 
+        if self.handled and self.handled[0] <= start <= self.handled[1] and set(names) & {"rollback", "scale_lr"}:
+            return [Action(ActionKind.RECORD, f"{what}; already handled by the rollback for steps "
+                           f"{self.handled[0]}-{self.handled[1]}", {"duplicate_of_incident": True},
+                           alert_event_id=a.event_id)]
         if "rollback" in names:
             if self.rollbacks >= self.cfg.max_rollbacks:
                 return [Action(ActionKind.HALT, f"{what}; {self.rollbacks} rollbacks already (max_rollbacks="
                                f"{self.cfg.max_rollbacks}): halting", {"rollbacks": self.rollbacks},
                                alert_event_id=a.event_id)]
             self.rollbacks += 1
+            self.handled = (start, max(end, step))
 
         actions = []
         for name in names:
@@ -191,8 +200,11 @@ class ControlPolicy:
         return actions
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rollbacks": self.rollbacks, "spikes": list(self.spikes)}
+        return {"rollbacks": self.rollbacks, "spikes": list(self.spikes),
+                "handled": list(self.handled) if self.handled else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollbacks = int(state.get("rollbacks", 0))
         self.spikes = deque(state.get("spikes", []))
+        handled = state.get("handled")
+        self.handled = (int(handled[0]), int(handled[1])) if handled else None

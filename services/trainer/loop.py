@@ -165,6 +165,7 @@ class Trainer:
         if self.mixer is not None:
             data.set_weights(self.mixer.as_dict())
         self.faults = FaultInjector(config.faults)
+        self._fault_lr_scale = 1.0
         self.policy = policy or ControlPolicy(config.control)
         self.ledger = Ledger()
         self.state = TrainState()
@@ -301,11 +302,13 @@ class Trainer:
         plan = self.curriculum.plan(step)
         self._apply_plan(plan)
         if (factor := self.faults.lr_factor(step)) is not None:
-            self.ledger.lr_scale *= factor
+            # Kept apart from the ledger: the fault is damage that a rollback undoes, whereas
+            # the ledger (operator and policy LR cuts) survives rollbacks.
+            self._fault_lr_scale *= factor
             log.warning("trainer.fault", fault="lr_multiply", step=step, factor=factor)
         if (name := self.faults.poison(self.raw_model, step)) is not None:
             log.warning("trainer.fault", fault="nan_param", step=step, parameter=name)
-        lr = self.schedule(step) * plan.lr_scale * self.ledger.lr_scale
+        lr = self.schedule(step) * plan.lr_scale * self.ledger.lr_scale * self._fault_lr_scale
         set_lr(self.optimizer, lr)
 
         c0 = self.data.cursor
@@ -712,6 +715,7 @@ class Trainer:
             return
         from_step, self._pre_rollback_cursor = self.state.step, self.data.cursor
         self._restore(self.checkpointer.load(path), keep_ledger=True)
+        self._fault_lr_scale = 1.0
         if self.ctx.is_main:
             remove_checkpoints_after(root, self.state.step)  # the abandoned timeline
         self.losses = {s: v for s, v in self.losses.items() if s <= self.state.step}

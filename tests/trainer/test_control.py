@@ -44,10 +44,24 @@ def test_stagnation_only_notifies():
 
 def test_too_many_rollbacks_halt_the_run():
     p = ControlPolicy(ControlConfig(max_rollbacks=2))
-    for _ in range(2):
-        assert kinds(p.decide(Alert("divergence"), 5))[0] is ActionKind.ROLLBACK
-    (halt,) = p.decide(Alert("divergence"), 5)
+    for step in (10, 20):  # two separate incidents
+        assert kinds(p.decide(Alert("divergence", step_start=step, step_end=step), step))[0] is ActionKind.ROLLBACK
+    (halt,) = p.decide(Alert("divergence", step_start=30, step_end=30), 30)
     assert halt.kind is ActionKind.HALT and "max_rollbacks=2" in halt.reason
+
+
+def test_a_second_alert_about_an_incident_already_rolled_back_is_only_recorded():
+    p = ControlPolicy()
+    first = p.decide(Alert("grad_explosion", step_start=46, step_end=46), 52)
+    assert kinds(first) == [ActionKind.ROLLBACK, ActionKind.SKIP_DATA, ActionKind.SCALE_LR]
+    (dup,) = p.decide(Alert("divergence", step_start=46, step_end=48), 53)
+    assert dup.kind is ActionKind.RECORD and "already handled" in dup.reason
+    assert p.rollbacks == 1
+    later = p.decide(Alert("divergence", step_start=90, step_end=92), 95)  # a new incident
+    assert kinds(later)[0] is ActionKind.ROLLBACK
+    restored = ControlPolicy()
+    restored.load_state_dict(p.state_dict())
+    assert restored.handled == p.handled
 
 
 def test_unknown_kinds_follow_the_recommended_action_and_rules_override():
