@@ -82,8 +82,15 @@ class BusEmitter(Callback):
     def on_checkpoint(self, trainer: Trainer, info: Any, reason: str) -> None:
         # Fired once the files are durable (the background writer finished and fsynced).
         train_loss = info.meta.get("train_loss")
+        try:
+            ref = self.store.ref(info.manifest)
+        except FileNotFoundError:
+            # Already pruned (keep_last) by a later write before the loop polled this one:
+            # nothing left to announce or evaluate.
+            log.info("checkpoint pruned before it was announced", step=info.step)
+            return
         event = CheckpointSaved(
-            step=info.step, tokens_seen=int(info.meta.get("tokens", 0)), checkpoint=self.store.ref(info.manifest),
+            step=info.step, tokens_seen=int(info.meta.get("tokens", 0)), checkpoint=ref,
             digest=info.digest, dataset_version=self.meta["dataset_version"],
             train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
             val_loss=info.meta.get("val_loss"), reason=reason if reason in _REASONS else "interval",

@@ -402,7 +402,7 @@ class Bus:
             log.warning(
                 "handler failed; entry stays pending for redelivery",
                 stream=sub.stream, entry_id=entry_id, delivery=count,
-                max_deliveries=self.settings.max_deliveries, error=repr(exc),
+                max_deliveries=self.settings.max_deliveries, error=repr(exc), exc_info=exc,
             )
             return False
         finally:
