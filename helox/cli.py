@@ -683,6 +683,10 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: Any, run_
             _summary(seen, run_id, ok=True)
             if isinstance(p, ModelReady):
                 _show_model(p, settings)
+                ckpt = seen.get("CheckpointSaved")
+                if ckpt is not None:
+                    lag = (env.occurred_at - ckpt.occurred_at).total_seconds()
+                    console.print(f"  final checkpoint saved -> model-ready: {lag:.1f}s; whole run: {elapsed:.0f}s")
             return 0
     return 1
 
