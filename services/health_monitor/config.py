@@ -68,6 +68,8 @@ class DivergenceConfig(_Strict):
     level_window: int = Field(default=5, ge=1, description="Median of this many intervals is the loss level "
                               "(5 ignores a spike of up to two intervals).")
     ratio_to_best: float = Field(default=1.5, gt=1, description="Fire when the level exceeds this x the best level so far.")
+    ratio_z: float = Field(default=3.0, ge=0, description="...and the excess over the best is this many times the loss's "
+                           "relative noise: with small, mixed-domain batches the best level is itself a low outlier.")
     trend_window: int = Field(default=12, ge=4, description="Intervals in which a rise is looked for.")
     trend_min_rise: float = Field(default=0.06, ge=0, description="Rise of the level above the window's lowest level, "
                                   "as a fraction, needed to call a trend.")

@@ -218,7 +218,8 @@ class LossSpikeDetector(Detector):
 
 
 class DivergenceDetector(Detector):
-    """The loss level trends up over a window, or exceeds k x the best level so far.
+    """The loss level trends up over a window, or exceeds k x the best level so far (by more
+    than the loss's own noise allows: the best level of a noisy run is a low outlier).
 
     The level is a short median, so that a spike of one or two intervals (the loss-spike
     detector's business) neither raises it nor counts as a trend. A trend must rise both
@@ -260,7 +261,7 @@ class DivergenceDetector(Detector):
         need = max(cfg.trend_min_rise, cfg.trend_z * sigma)
         _, t = slope(self.losses.last(cfg.trend_window))
         trend = rise > need and t > cfg.trend_t
-        above = ratio > cfg.ratio_to_best
+        above = ratio > cfg.ratio_to_best and ratio - 1.0 > cfg.ratio_z * sigma
         active = above or trend
         if above or not trend:
             stat, value, thr = "loss_level / best_level", ratio, cfg.ratio_to_best
