@@ -86,6 +86,15 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+def _load_run(config: Path) -> tuple[Any, HeloxSettings]:
+    """The run config and the settings (its `settings:` section + env), or exit 2 naming the field."""
+    try:
+        return load_run_config(config), load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
 def _client(settings: HeloxSettings) -> redis.Redis:
     url = settings.redis_url or find_running_stack(settings)
     if not url:
@@ -359,12 +368,7 @@ def data_prepare(config: Annotated[Path, typer.Argument(help="Run config YAML (i
     from shared.data.config import data_prep_config
     from shared.data.manifest import format_summary, inspect_dataset
 
-    try:
-        cfg = load_run_config(config)
-        settings = load_settings(config)
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    cfg, settings = _load_run(config)
     store = ArtifactStore(settings.artifacts)
     columns = (TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn())
     with Progress(*columns, console=console) as bars:
@@ -435,12 +439,7 @@ def train(
     from shared.artifacts import ArtifactStore
     from shared.data.manifest import load_manifest
 
-    try:
-        cfg = load_run_config(config)
-        settings = load_settings(config)
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    cfg, settings = _load_run(config)
     manifest_path = _manifest_path(settings, dataset)
     m = load_manifest(manifest_path)
     tcfg = train_config(cfg.train, vocab_size=m.tokenizer.vocab_size, dataset_version=m.version)
@@ -576,12 +575,7 @@ def run(
     keep_stack: Annotated[bool, typer.Option(help="Leave a stack started for this run running.")] = False,
 ) -> None:
     """Run the pipeline on CONFIG: use a running stack or start one, follow the run, summarise."""
-    try:
-        cfg = load_run_config(config)
-        settings = load_settings(config)
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    cfg, settings = _load_run(config)
 
     stack: LocalStack | None = None
     _stop_on_signals()

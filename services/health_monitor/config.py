@@ -13,24 +13,14 @@ mean.
 
 from __future__ import annotations
 
+from typing import get_args
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contracts.events import AlertKind, RecommendedAction, Severity
 
-ALERT_KINDS: tuple[AlertKind, ...] = (
-    "non_finite",
-    "loss_spike",
-    "divergence",
-    "stagnation",
-    "grad_explosion",
-    "loss_scale_collapse",
-    "dead_neurons",
-    "attention_entropy_collapse",
-    "rare_token_collapse",
-    "token_drift",
-    "throughput_drop",
-    "trainer_stalled",
-)
+ALERT_KINDS: tuple[AlertKind, ...] = get_args(AlertKind)
+"""Every alert kind, in the contract's order (one source of truth: contracts.events.AlertKind)."""
 
 
 class _Strict(BaseModel):

@@ -34,6 +34,7 @@ Incident keys, the third part of the de-duplication key (run, kind, key):
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -122,13 +123,14 @@ def _isfinite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-class Detector:
+class Detector(ABC):
     kind: ClassVar[str]
 
+    @abstractmethod
     def update(self, obs: Observation) -> list[Finding]:
-        raise NotImplementedError
+        """Findings for this interval (active or not, per key)."""
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int) -> None:  # noqa: B027  (a detector without history has nothing to forget)
         """The trainer rolled back to `step`: forget what was logged at or after it."""
 
 
@@ -587,11 +589,13 @@ class _DropDetector(Detector):
         self.series: dict[str | None, _ProbeSeries] = {}
 
     @property
+    @abstractmethod
     def floor(self) -> float:
-        raise NotImplementedError
+        """The probe value below which the series counts as collapsed."""
 
+    @abstractmethod
     def _values(self, obs: Observation) -> dict[str | None, float]:
-        raise NotImplementedError
+        """This interval's probe values by key (layer)."""
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.cfg
