@@ -58,6 +58,8 @@ class DivergenceConfig(_Strict):
     level_window: int = Field(default=5, ge=1, description="Median of this many intervals is the loss level "
                               "(5 ignores a spike of up to two intervals).")
     ratio_to_best: float = Field(default=1.5, gt=1, description="Fire when the level exceeds this x the best level so far.")
+    best_window: int = Field(default=15, ge=1, description="The best level is the running minimum of a median over "
+                             "this many intervals (longer than level_window, so noise does not set it).")
     ratio_z: float = Field(default=3.0, ge=0, description="...and the excess over the best is this many times the loss's "
                            "relative noise: with small, mixed-domain batches the best level is itself a low outlier.")
     trend_window: int = Field(default=12, ge=4, description="Intervals in which a rise is looked for.")

@@ -234,7 +234,7 @@ class DivergenceDetector(Detector):
     def __init__(self, cfg: DivergenceConfig, n_values: int = 16) -> None:
         self.cfg = cfg
         self.n_values = n_values
-        self.losses = Window(max(cfg.level_window, cfg.trend_window, n_values))
+        self.losses = Window(max(cfg.level_window, cfg.trend_window, cfg.best_window, n_values))
         self.resid = Window(cfg.noise_window)
         self.levels = Window(cfg.trend_window)
         self.best = RunningMin()
@@ -252,7 +252,10 @@ class DivergenceDetector(Detector):
         level = median(self.losses.last(cfg.level_window))
         self.levels.push(m.step, level)
         best = self.best.value
-        self.best.push(m.step, level)
+        # The best level is the running minimum of a longer median: the minimum of the short
+        # level is biased low by noise (a lucky run of easy batches), and would make a normal
+        # level look like a multiple of it.
+        self.best.push(m.step, median(self.losses.last(cfg.best_window)))
         if len(self.resid) < cfg.min_history or best is None or best <= 0:
             return []
         ratio = level / best
