@@ -4,6 +4,7 @@ services downstream (trainer, evaluator, exporter) read their section from it.""
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from contracts import Envelope, RunRequested, topic_for
 from contracts.codec import decode
@@ -12,6 +13,9 @@ from shared.bus.wire import body_of
 
 SCAN_BATCH = 500
 
+_CACHE: WeakKeyDictionary[Bus, dict[str, Envelope[RunRequested]]] = WeakKeyDictionary()
+"""Run requests already found, per bus (a run's request never changes)."""
+
 
 class RunNotFoundError(LookupError):
     """No RunRequested with this run id in the stream (trimmed, or never requested)."""
@@ -19,7 +23,7 @@ class RunNotFoundError(LookupError):
 
 async def find_run_request(bus: Bus, run_id: str, *, max_scan: int = 100_000) -> Envelope[RunRequested]:
     """The newest RunRequested of `run_id`, scanning runs.requested backwards."""
-    cache: dict[str, Envelope[RunRequested]] = bus.__dict__.setdefault("_run_requests", {})
+    cache = _CACHE.setdefault(bus, {})
     if run_id in cache:
         return cache[run_id]
     stream = topic_for(RunRequested).stream(bus.prefix)

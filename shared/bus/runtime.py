@@ -28,7 +28,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import faststream.redis.subscriber.usecases.basic as _fs_basic
@@ -64,7 +64,7 @@ CURRENT_EVENT: ContextVar[Envelope[Any] | None] = ContextVar("helox_current_even
 """The envelope being handled in this task: publish() takes causation and run_id from it."""
 
 
-class Requeue(Exception):  # noqa: N818  (a signal, not an error)
+class Requeue(Exception):
     """Raised by a handler to leave its entry pending without counting a failure: e.g. a
     trainer stopped by SIGTERM after checkpointing, so that the next instance (or this
     one restarted) resumes the job. The entry is reclaimed after `reclaim_idle_ms`."""
@@ -103,19 +103,6 @@ class BusStats:
     failed: int = 0
     dead_lettered: int = 0
     groups_recreated: int = 0
-    by_stream: dict[str, int] = field(default_factory=dict)
-
-
-def redis_kwargs(url: str, settings: HeloxSettings) -> dict[str, Any]:
-    """Connection options shared by every client: timeouts longer than a blocking read."""
-    kwargs: dict[str, Any] = {
-        "socket_timeout": settings.redis_socket_timeout_s,
-        "socket_connect_timeout": min(settings.redis_socket_timeout_s, 5.0),
-        "health_check_interval": 30,
-    }
-    if url.startswith("rediss://"):
-        kwargs["ssl_cert_reqs"] = "none" if "ssl_cert_reqs=none" in url else "required"
-    return kwargs
 
 
 class Bus:
@@ -130,7 +117,7 @@ class Bus:
         self.producer = Producer(service=service, instance=self.instance)
         self.prefix = settings.topic_prefix
         self.url = settings.redis_url
-        self.broker = RedisBroker(self.url, **_broker_kwargs(self.url, settings))
+        self.broker = RedisBroker(self.url, **_broker_kwargs(settings))
         self._subs: list[_Subscription[Any]] = []
         self._routes: dict[type[Event], tuple[str, int | None]] = {}
         self._producer_json = self.producer.model_dump_json().encode()
@@ -505,8 +492,7 @@ async def _tolerant_batch_parser(msg: Any, original: Callable[[Any], Awaitable[A
         patched = dict(msg)
         patched[_RAW_FIELDS] = msg["data"]
         patched["data"] = [{DATA_FIELD: b""} for _ in msg["data"]]
-        result = await original(patched)
-        return result
+        return await original(patched)
 
 
 class _HandlerFailed(Exception):
@@ -517,10 +503,11 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _broker_kwargs(url: str, settings: HeloxSettings) -> dict[str, Any]:
-    kwargs = redis_kwargs(url, settings)
-    kwargs.pop("ssl_cert_reqs", None)  # passed via the URL query for the broker's pool
-    kwargs.pop("health_check_interval", None)
-    kwargs["log_level"] = logging.DEBUG  # per-message Received/Processed lines are debug noise
-    return kwargs
+def _broker_kwargs(settings: HeloxSettings) -> dict[str, Any]:
+    """Timeouts longer than a blocking read; TLS options (e.g. ssl_ca_certs) travel in the URL's query."""
+    return {
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": min(settings.redis_socket_timeout_s, 5.0),
+        "log_level": logging.DEBUG,  # per-message Received/Processed lines are debug noise
+    }
 
