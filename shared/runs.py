@@ -33,7 +33,7 @@ async def find_run_request(bus: Bus, run_id: str, *, max_scan: int = 100_000) ->
         rows = await bus.redis.xrevrange(stream, max=end, count=SCAN_BATCH)
         if not rows:
             break
-        for entry_id, fields in rows:
+        for _entry_id, fields in rows:
             try:
                 env = decode(body_of(fields), RunRequested)
             except ValueError:
