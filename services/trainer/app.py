@@ -168,6 +168,8 @@ class TrainerService:
         run_id = env.run_id
         if not run_id:
             return
+        if self.job is not None:  # one job at a time per instance: leave it for another
+            raise Requeue(f"busy with run {self.job.run_id}")
         try:
             request = await find_run_request(rt.bus, run_id)
         except RunNotFoundError as exc:

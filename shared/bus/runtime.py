@@ -33,6 +33,7 @@ from typing import Any, Generic, TypeVar
 
 import faststream.redis.subscriber.usecases.basic as _fs_basic
 import faststream.redis.subscriber.usecases.stream_subscriber as _fs_stream
+from faststream.exceptions import SkipMessage
 from faststream.redis import RedisBroker, StreamSub
 from faststream.redis.annotations import RedisBatchStreamMessage, RedisStreamMessage
 from pydantic import ValidationError
@@ -330,6 +331,10 @@ class Bus:
         """One entry (FastStream acks it when this returns; raising leaves it pending)."""
         raw = message.raw_message
         entry_id = raw["message_ids"][0]
+        if reclaimed and _s(entry_id) in self.busy:
+            # Our own reclaimer took back an entry this process is still handling (its
+            # keepalive was late, e.g. a starved event loop): never run it twice here.
+            raise _HandlerFailed(_s(entry_id))
         fields: dict[bytes, bytes] = raw.get(_RAW_FIELDS) or raw["data"]
         count = await self._delivery_count(sub, entry_id) if reclaimed else 1
         if not await self._process(sub, _s(entry_id), fields, count):
@@ -495,8 +500,9 @@ async def _tolerant_batch_parser(msg: Any, original: Callable[[Any], Awaitable[A
         return await original(patched)
 
 
-class _HandlerFailed(Exception):
-    """Raised to FastStream so it leaves the entry (or batch) pending; already logged."""
+class _HandlerFailed(SkipMessage):
+    """Raised to FastStream so it leaves the entry (or batch) pending, neither acked nor logged
+    again (a SkipMessage: we logged the cause already)."""
 
 
 def _s(v: Any) -> str:

@@ -39,7 +39,7 @@ def test_sigterm_checkpoints_and_the_restarted_trainer_resumes(
         result = prepare_dataset(make_config(), store)
     finally:
         os.chdir(cwd)
-    train = {"model": "tiny", "max_steps": 400, "batch": {"global_batch_size": 4, "micro_batch_size": 4, "seq_len": 32},
+    train = {"model": "tiny", "max_steps": 1000, "batch": {"global_batch_size": 4, "micro_batch_size": 4, "seq_len": 32},
              "checkpoint": {"every": 10}, "log": {"every": 5, "wandb": {"mode": "disabled"}},
              "optim": {"warmup_steps": 5}}
     request = run_request("resume-run", train=train)
@@ -53,7 +53,7 @@ def test_sigterm_checkpoints_and_the_restarted_trainer_resumes(
     try:
         wait_for_group(client, "helox.data.dataset-ready", "trainer")
         publish(client, ready)
-        wait_for(lambda: any(c.payload.step >= 30 for c in read_all(client, CheckpointSaved)), timeout=120,
+        wait_for(lambda: any(c.payload.step >= 10 for c in read_all(client, CheckpointSaved)), timeout=120,
                  what="a few checkpoints")
     finally:
         assert stop(first, timeout=60) == 0  # SIGTERM: checkpoint, hand back, exit cleanly
@@ -63,8 +63,8 @@ def test_sigterm_checkpoints_and_the_restarted_trainer_resumes(
 
     second = _trainer(env, tmp_path / "second.log")
     try:
-        (done,) = wait_for(lambda: read_all(client, TrainingCompleted), timeout=180, what="the resumed run to finish")
-        assert done.payload.final_step == 400
+        (done,) = wait_for(lambda: read_all(client, TrainingCompleted), timeout=240, what="the resumed run to finish")
+        assert done.payload.final_step == 1000
         starts = read_all(client, TrainingStarted)
         assert starts[0].payload.resumed_from_step is None
         assert starts[-1].payload.resumed_from_step == stopped_at

@@ -63,7 +63,11 @@ def main() -> None:
     if rank == 0:
         print("RESULT " + json.dumps({"status": res.status, "final_step": res.final_step,
                                       "losses": {str(k): v for k, v in res.losses.items()}}), flush=True)
-    sys.exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: gloo's threads can abort a finished process in C++ static
+    # destructors ("terminate called without an active exception"), failing a run that succeeded.
+    os._exit(0)
 
 
 if __name__ == "__main__":
