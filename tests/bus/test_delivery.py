@@ -46,7 +46,7 @@ def test_two_processes_exchange_typed_events(redis_url: str, subprocess_env: dic
         assert reply.correlation_id == sent.correlation_id
         assert reply.run_id == "hello"
         assert reply.producer.service == "worker" and reply.producer.instance == "worker-a"
-        assert client.xpending(STREAM, "worker")["pending"] == 0
+        wait_for(lambda: client.xpending(STREAM, "worker")["pending"] == 0, what="the entry acked")
     finally:
         assert stop(worker) == 0
 
@@ -74,7 +74,7 @@ def test_killed_consumer_entry_completed_by_another_exactly_once(
         assert len(set(effects)) == 5
         starters = [x.decode() for x in client.lrange(f"started:{first}", 0, -1)]
         assert starters[0] == "worker-a" and "worker-b" in starters
-        assert client.xpending(STREAM, "worker")["pending"] == 0
+        wait_for(lambda: client.xpending(STREAM, "worker")["pending"] == 0, what="every entry acked")
     finally:
         assert stop(b) == 0
 
@@ -141,7 +141,8 @@ def test_redis_restart_keeps_data_and_empty_restart_recovers(
         empty = run_request("after-wipe")
         publish(client, empty)
         wait_for(lambda: str(empty.event_id) in _effects(client), timeout=30, what="event after empty restart")
-        assert client.xpending(STREAM, "worker")["pending"] == 0
+        # The effect is committed just before the ack: wait for the ack rather than race it.
+        wait_for(lambda: client.xpending(STREAM, "worker")["pending"] == 0, what="the entry acked")
     finally:
         assert stop(worker) == 0
 

@@ -91,7 +91,12 @@ async def test_long_handler_keeps_its_claim(settings: HeloxSettings) -> None:
         await asyncio.sleep(3.5 * settings.reclaim_idle_ms / 1000)
         assert calls == ["first"]
         client = redis.Redis.from_url(settings.redis_url)
+        for _ in range(100):  # the handler's ack follows its end
+            if client.xpending("helox.runs.requested", "svc")["pending"] == 0:
+                break
+            await asyncio.sleep(0.05)
         assert client.xpending("helox.runs.requested", "svc")["pending"] == 0
+        assert calls == ["first"]
     finally:
         await second.stop()
         await first.stop()

@@ -69,6 +69,6 @@ def test_bad_corpus_fails_the_run_with_the_reason(redis_url: str, subprocess_env
         (failed,) = wait_for(lambda: read_all(client, RunFailed), timeout=60, what="RunFailed")
         assert failed.payload.stage == "data" and "/etc/passwd" in failed.payload.reason
         assert not failed.payload.retriable
-        assert client.xpending("helox.runs.requested", "data-prep")["pending"] == 0
+        wait_for(lambda: client.xpending("helox.runs.requested", "data-prep")["pending"] == 0, what="the ack")
     finally:
         assert stop(proc) == 0
