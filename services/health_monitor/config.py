@@ -40,6 +40,10 @@ class LossSpikeConfig(_Strict):
     enabled: bool = True
     window: int = Field(default=64, ge=4, description="Residuals in the noise-scale window (a MAD over fewer than "
                         "~50 values is itself too noisy: it under-reads the noise by 30-40% now and then).")
+    recent_window: int = Field(default=16, ge=4, description="The noise scale is the larger of the window's MAD and "
+                               "that of this many recent residuals: noise that grows (early in training, as the "
+                               "domains' losses part) is seen at once, while a quiet stretch does not make the "
+                               "detector jumpy.")
     level_window: int = Field(default=5, ge=1, description="Intervals whose median is the loss level a new value "
                               "is compared with.")
     min_history: int = Field(default=20, ge=3, description="Residuals needed before the detector speaks (a MAD of "
@@ -60,7 +64,7 @@ class DivergenceConfig(_Strict):
     ratio_to_best: float = Field(default=1.5, gt=1, description="Fire when the level exceeds this x the best level so far.")
     best_window: int = Field(default=15, ge=1, description="The best level is the running minimum of a median over "
                              "this many intervals (longer than level_window, so noise does not set it).")
-    ratio_z: float = Field(default=3.0, ge=0, description="...and the excess over the best is this many times the loss's "
+    ratio_z: float = Field(default=2.5, ge=0, description="...and the excess over the best is this many times the loss's "
                            "relative noise: with small, mixed-domain batches the best level is itself a low outlier.")
     trend_window: int = Field(default=12, ge=4, description="Intervals in which a rise is looked for.")
     trend_min_rise: float = Field(default=0.06, ge=0, description="Rise of the level above the window's lowest level, "
@@ -159,6 +163,12 @@ class ThroughputConfig(_Strict):
     drop_ratio: float = Field(default=0.6, gt=0, lt=1, description="tokens/s below this x the rolling median is low.")
     consecutive: int = Field(default=2, ge=1, description="Low intervals in a row that fire (one slow interval is "
                              "a checkpoint write or a GC pause).")
+    sustain_window: int = Field(default=3, ge=1, description="A smaller, lasting fall: over this many recent intervals...")
+    sustain_ratio: float = Field(default=0.8, gt=0, lt=1, description="...the median is below this x the rolling median...")
+    sustain_ceiling: float = Field(default=0.9, gt=0, le=1, description="...and every one is below this x: a rate that "
+                                   "stepped down by a fifth or slides (which the rolling median would follow down), "
+                                   "not separate slow intervals (a GC pause, a checkpoint write) with normal ones "
+                                   "between them.")
     freeze_cap: int = Field(default=128, ge=0, description="While low, the baseline is frozen for at most this many intervals.")
 
 

@@ -60,6 +60,7 @@ from .windows import MAD_TO_SIGMA, RunningMin, StepWindow, Window, mad, median, 
 
 PER_LAYER_KINDS = frozenset({"dead_neurons", "attention_entropy_collapse"})
 REFRESH = 8  # pushes between recomputations of a window's median/MAD (see Window.robust)
+RECENT_REFRESH = 2  # ... of a short window's, which must follow the series closely
 
 
 def incident_key(kind: str, evidence: AlertEvidence) -> str | None:
@@ -187,6 +188,7 @@ class LossSpikeDetector(Detector):
         self.n_values = n_values
         self.losses = Window(max(cfg.level_window, n_values))
         self.resid = Window(cfg.window)
+        self.recent = Window(cfg.recent_window)
 
     def update(self, obs: Observation) -> list[Finding]:
         m, cfg = obs.m, self.cfg
@@ -199,6 +201,8 @@ class LossSpikeDetector(Detector):
             r = x / level - 1.0 if level > 0 else 0.0
             if len(self.resid) >= cfg.min_history:
                 center, spread = self.resid.robust(REFRESH)
+                if len(self.recent) >= cfg.recent_window // 2:  # (after a rollback it refills)
+                    spread = max(spread, self.recent.robust(RECENT_REFRESH)[1])
                 sigma = max(MAD_TO_SIGMA * spread, cfg.sigma_floor_rel)
                 z = (r - center) / sigma
                 active = z > cfg.z_threshold and r > cfg.min_rel_jump
@@ -211,12 +215,14 @@ class LossSpikeDetector(Detector):
                     f"(robust z {z:.1f})" if active else "",
                 ))
             self.resid.push(m.step, r)
+            self.recent.push(m.step, r)
         self.losses.push(m.step, x)
         return out
 
     def rewind(self, step: int) -> None:
         self.losses.rewind(step)
         self.resid.rewind(step)
+        self.recent.rewind(step)
 
 
 class DivergenceDetector(Detector):
@@ -236,6 +242,10 @@ class DivergenceDetector(Detector):
         self.n_values = n_values
         self.losses = Window(max(cfg.level_window, cfg.trend_window, cfg.best_window, n_values))
         self.resid = Window(cfg.noise_window)
+        # Residuals reach the noise estimate `level_window` intervals late: the intervals that
+        # make up the current level are the ones under test, and an excursion must not widen
+        # the yardstick it is measured with.
+        self.pending: deque[tuple[int, float]] = deque()
         self.levels = Window(cfg.trend_window)
         self.best = RunningMin()
 
@@ -247,7 +257,9 @@ class DivergenceDetector(Detector):
         if len(self.losses):
             prev = median(self.losses.last(cfg.level_window))
             if prev > 0:
-                self.resid.push(m.step, x / prev - 1.0)
+                self.pending.append((m.step, x / prev - 1.0))
+                while len(self.pending) > cfg.level_window:
+                    self.resid.push(*self.pending.popleft())
         self.losses.push(m.step, x)
         level = median(self.losses.last(cfg.level_window))
         self.levels.push(m.step, level)
@@ -285,6 +297,7 @@ class DivergenceDetector(Detector):
     def rewind(self, step: int) -> None:
         self.losses.rewind(step)
         self.resid.rewind(step)
+        self.pending = deque(p for p in self.pending if p[0] < step)
         self.levels.rewind(step)
         self.best.rewind(step)
 
@@ -720,10 +733,14 @@ class TokenDriftDetector(Detector):
 
 
 class ThroughputDetector(Detector):
-    """tokens/s falling below a fraction of its rolling median for a few intervals in a row.
+    """tokens/s falling below its rolling median: suddenly (below `drop_ratio` x for a few
+    intervals in a row) or lastingly (the last few intervals all below `sustain_ceiling` x
+    and their median below `sustain_ratio` x, which also catches a slide).
 
-    A change of sequence length or batch size changes the normal rate: the baseline starts
-    over.
+    The baseline takes no value that is itself low, so neither a drop nor a slow slide
+    drags it down (for at most `freeze_cap` intervals: after that a lasting new rate is
+    the normal one). A change of sequence length or batch size changes the normal rate:
+    the baseline starts over.
     """
 
     kind = "throughput_drop"
@@ -732,6 +749,7 @@ class ThroughputDetector(Detector):
         self.cfg = cfg
         self.n_values = n_values
         self.w = Window(cfg.window)
+        self.recent = Window(cfg.sustain_window)
         self.regime: tuple[int, int] | None = None
         self.low_run = 0
         self.frozen = 0
@@ -745,29 +763,44 @@ class ThroughputDetector(Detector):
         if regime != self.regime:
             self.regime = regime
             self.w.clear()
+            self.recent.clear()
             self.low_run = self.frozen = 0
+        self.recent.push(m.step, r)
         out = []
-        low = False
+        slow = False
         if len(self.w) >= cfg.min_history:
             med = self.w.robust(REFRESH)[0]
             ratio = r / med if med > 0 else 1.0
-            low = ratio < cfg.drop_ratio
-            self.low_run = self.low_run + 1 if low else 0
-            active = self.low_run >= cfg.consecutive
+            recent = self.recent.values
+            sustained = median(recent) / med if med > 0 else 1.0
+            slow = ratio < cfg.sustain_ratio
+            self.low_run = self.low_run + 1 if ratio < cfg.drop_ratio else 0
+            sudden = self.low_run >= cfg.consecutive
+            lasting = (len(recent) >= cfg.sustain_window and sustained < cfg.sustain_ratio
+                       and max(recent) < cfg.sustain_ceiling * med)
+            active = sudden or lasting
+            if sudden or not lasting:
+                stat, value, thr = "tokens_per_s / rolling median", ratio, cfg.drop_ratio
+                what = f"{ratio:.0%} of the rolling median {med:,.0f} for {self.low_run} intervals"
+            else:
+                stat, value, thr = "recent median tokens_per_s / rolling median", sustained, cfg.sustain_ratio
+                what = (f"the last {len(recent)} intervals are all under {cfg.sustain_ceiling:.0%}, their median "
+                        f"{sustained:.0%}, of the rolling median {med:,.0f}")
             out.append(Finding(
-                self.kind, None, active, "tokens_per_s / rolling median", ratio, cfg.drop_ratio,
-                {"tokens_per_s": r, "median": med, "low_intervals": float(self.low_run), "n": float(len(self.w))},
+                self.kind, None, active, stat, value, thr,
+                {"tokens_per_s": r, "median": med, "ratio": ratio, "recent_ratio": sustained,
+                 "low_intervals": float(self.low_run), "n": float(len(self.w))},
                 (self.w.values + [r])[-self.n_values:], None,
-                f"throughput drop at step {m.step}: {r:,.0f} tokens/s is {ratio:.0%} of the rolling median "
-                f"{med:,.0f} for {self.low_run} intervals" if active else "",
+                f"throughput drop at step {m.step}: {r:,.0f} tokens/s; {what}" if active else "",
             ))
-        self.frozen = self.frozen + 1 if low else 0
-        if not low or self.frozen > cfg.freeze_cap:
+        self.frozen = self.frozen + 1 if slow else 0
+        if not slow or self.frozen > cfg.freeze_cap:
             self.w.push(m.step, r)
         return out
 
     def rewind(self, step: int) -> None:
         self.w.rewind(step)
+        self.recent.rewind(step)
         self.low_run = self.frozen = 0
 
 

@@ -207,7 +207,7 @@ def make_trace(seed: int, kinds: list[str] | None = None, *, n_intervals: int | 
     tau_e, tau_r = rng.uniform(1000, 5000), rng.uniform(500, 3000)
     rare_inf = rng.uniform(0.6, 1.3)
     js0 = rng.uniform(0.01, 0.05)
-    dom_off = dict(zip(DOMAINS, rng.uniform(-0.3, 0.4, len(DOMAINS))))
+    dom_off = dict(zip(DOMAINS, rng.uniform(-0.3, 0.4, len(DOMAINS)), strict=True))
     ckpt_every = int(rng.choice([10, 25]))  # intervals between checkpoints (rollback targets)
 
     allowed = [k for k in ALERT_KINDS if precision == "fp16" or k not in FP16_ONLY]
@@ -303,7 +303,7 @@ def make_trace(seed: int, kinds: list[str] | None = None, *, n_intervals: int | 
         g = (g_inf + g0 * (1.0 + step / tau) ** -0.5) * float(np.exp(rng.normal(0.0, g_sigma)))
         if kind is None and rng.random() < 1 / 200:
             g *= rng.uniform(1.5, 3.0)
-        per = {name: g * math.sqrt(w) * float(np.exp(rng.normal(0.0, 0.1))) for name, w in zip(groups, layer_w)}
+        per = {name: g * math.sqrt(w) * float(np.exp(rng.normal(0.0, 0.1))) for name, w in zip(groups, layer_w, strict=True)}
         if kind is None and rng.random() < 1 / 300:
             blip = str(rng.choice(groups))
             per[blip] *= rng.uniform(2.0, 4.0)
@@ -362,10 +362,7 @@ def make_trace(seed: int, kinds: list[str] | None = None, *, n_intervals: int | 
             if "mode" not in active.detail:
                 active.detail["mode"] = "collapse" if rng.random() < 0.5 else "frequent"
                 active.detail["scale_before"] = scale
-            if active.detail["mode"] == "collapse":
-                over = log_every
-            else:
-                over = int(max(1, rng.uniform(0.2, 0.6) * log_every))
+            over = log_every if active.detail["mode"] == "collapse" else int(max(1, rng.uniform(0.2, 0.6) * log_every))
             skipped += over
             scale = max(scale / 2.0 ** over, 2.0 ** -24)
             g = math.inf

@@ -83,9 +83,9 @@ def slope(ys: Sequence[float], xs: Sequence[float] | None = None) -> tuple[float
     sxx = sum((x - mx) ** 2 for x in xs)
     if sxx <= 0.0:
         return 0.0, 0.0
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
     b = sxy / sxx
-    resid = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    resid = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(xs, ys, strict=True))
     se = math.sqrt(resid / (n - 2) / sxx)
     if se <= 0.0:
         return b, math.copysign(math.inf, b) if b else 0.0

@@ -131,6 +131,9 @@ class FaultConfig(_Section):
     corrupt_batch_step: int | None = Field(default=None, ge=1, description="Replace that step's batch with noise tokens.")
     nan_param_step: int | None = Field(default=None, ge=1, description="Poison one parameter with NaN before that step.")
     nan_param_name: str | None = Field(default=None, description="Which parameter (default: the first MLP matrix).")
+    slowdown_step: int | None = Field(default=None, ge=1, description="From that step on, every step takes "
+                                      "slowdown_factor x as long (a throttled or shared accelerator); lasts the run.")
+    slowdown_factor: float = Field(default=2.0, ge=1, description="How much longer each step takes.")
 
 
 class DistributedConfig(_Section):

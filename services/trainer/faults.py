@@ -26,7 +26,7 @@ class FaultInjector:
     @property
     def enabled(self) -> bool:
         c = self.cfg
-        return any(s is not None for s in (c.lr_multiply_step, c.corrupt_batch_step, c.nan_param_step))
+        return any(s is not None for s in (c.lr_multiply_step, c.corrupt_batch_step, c.nan_param_step, c.slowdown_step))
 
     def _due(self, name: str, at: int | None, step: int) -> bool:
         if at is None or name in self.fired or step < at:
@@ -39,6 +39,17 @@ class FaultInjector:
         if self._due("lr_multiply", self.cfg.lr_multiply_step, step):
             return self.cfg.lr_multiply_factor
         return None
+
+    def slowdown(self, step: int) -> float:
+        """How many times as long this step must take: `slowdown_factor` from `slowdown_step` on, else 1.
+
+        Unlike the other faults it lasts: a rollback restores the model, not the machine.
+        """
+        at = self.cfg.slowdown_step
+        if at is None or step < at:
+            return 1.0
+        self.fired.add("slowdown")
+        return self.cfg.slowdown_factor
 
     def corrupt_batches(self, batches: list[dict[str, torch.Tensor]], step: int, vocab_size: int
                         ) -> list[dict[str, torch.Tensor]] | None:

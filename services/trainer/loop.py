@@ -299,6 +299,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step (collective under torchrun)."""
         step = self.state.step + 1
+        t_step = time.perf_counter()
         plan = self.curriculum.plan(step)
         self._apply_plan(plan)
         if (factor := self.faults.lr_factor(step)) is not None:
@@ -388,6 +389,11 @@ class Trainer:
         if len(self.losses) > 2 * _HISTORY:
             self.losses = {s: v for s, v in self.losses.items() if s > step - _HISTORY}
         self._last_batch = batches[-1]
+        first = "slowdown" not in self.faults.fired
+        if (slow := self.faults.slowdown(step)) > 1.0:
+            if first:
+                log.warning("trainer.fault", fault="slowdown", step=step, factor=slow)
+            time.sleep((slow - 1.0) * (time.perf_counter() - t_step))
         return StepResult(step, loss_value, verdict.applied, verdict.grad_norm, verdict.per_layer, lr, tokens,
                           plan.seq_len, plan.global_batch, verdict.clip_coef, domain_loss, verdict.reason)
 

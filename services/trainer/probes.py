@@ -189,8 +189,8 @@ class _TokenCounts:
 class RareTokenProbe(Callback):
     """Predicted mass on the rarest tokens vs their share of the data.
 
-    Rare tokens: the `quantile` fraction of the vocabulary with the lowest frequency in the
-    baseline histogram (or, without one, in the tokens trained on so far). A model that
+    Rare tokens: the `quantile` fraction of the tokens that occur in the baseline histogram
+    (or, without one, in the tokens trained on so far) with the lowest frequency there. A model that
     under-predicts them (ratio << 1) is collapsing onto frequent tokens.
     """
 
@@ -210,8 +210,12 @@ class RareTokenProbe(Callback):
         if freq.sum() <= 0:
             return
         freq = freq / freq.sum()
-        k = max(1, int(self.quantile * freq.numel()))
-        rare = torch.argsort(freq, stable=True)[:k]
+        # Among the tokens the data holds: a token that never occurs (a byte-fallback piece, an
+        # unused id) is absent, not rare, and would make the rare set's data mass 0 in a small
+        # vocabulary whose rarest half never occurs.
+        present = torch.nonzero(freq > 0).flatten()
+        k = max(1, int(self.quantile * present.numel()))
+        rare = present[torch.argsort(freq[present], stable=True)[:k]]
         pred = float(ctx.capture().mean_pred.cpu()[rare].sum())
         data = float(freq[rare].sum())
         ctx.record("rare_mass_pred", float(pred))

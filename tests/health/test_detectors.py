@@ -114,3 +114,47 @@ def test_validation_stagnation_uses_val_loss_when_present() -> None:
     stag = [a for a in out if a.kind == "stagnation" and a.state == "firing"]
     assert len(stag) == 1 and stag[0].evidence.statistic.startswith("val_loss")
     assert stag[0].step_start > 2000
+
+
+def _throughput_alerts(rates: list[float]) -> list[tuple[int, str]]:
+    mon = HealthMonitor()
+    out = []
+    for i, r in enumerate(rates):
+        out += [(i, a.evidence.statistic) for a in mon.observe("r", metrics(10 * (i + 1), 3.0, tokens_per_s=r), 0.0)
+                if a.kind == "throughput_drop" and a.state == "firing"]
+    return out
+
+
+def test_a_lasting_fall_of_a_quarter_is_a_throughput_drop_separate_slow_intervals_are_not() -> None:
+    import random
+
+    rng = random.Random(3)
+    normal = [50_000 * (1 + 0.02 * rng.gauss(0, 1)) for _ in range(40)]
+    # A step down to 75% (too small for the sudden test at 60%): called on its third interval.
+    stepped = normal + [37_500 * (1 + 0.02 * rng.gauss(0, 1)) for _ in range(20)]
+    assert _throughput_alerts(stepped) == [(42, "recent median tokens_per_s / rolling median")]
+    # A slide of 1.5% an interval, which a rolling median would follow down: still called.
+    slide = normal + [50_000 * (1 - 0.015 * k) for k in range(1, 40)]
+    ((at, _),) = _throughput_alerts(slide)
+    assert 40 + 14 <= at <= 40 + 20  # once the last three are under 90% and their median under 80%
+    # Checkpoint writes every other interval: slow ones with normal ones between them.
+    gaps = normal + [25_000 if k % 2 else 50_000 for k in range(20)]
+    assert _throughput_alerts(gaps) == []
+
+
+def test_loss_spike_noise_scale_follows_noise_that_grows() -> None:
+    import random
+
+    rng = random.Random(11)
+    mon = HealthMonitor()
+    i = 0
+    for _ in range(60):  # early training: every batch about equally bad, 2% noise
+        i += 1
+        mon.observe("r", metrics(i, 3.0 * (1 + 0.02 * rng.gauss(0, 1))), 0.0)
+    for _ in range(16):  # the domains part: 12% noise from now on
+        i += 1
+        mon.observe("r", metrics(i, 3.0 * (1 + 0.12 * rng.gauss(0, 1))), 0.0)
+    # +30% is ~15 sigma of the old noise, ~2.5 of the new: no spike.
+    assert [a.kind for a in mon.observe("r", metrics(i + 1, 3.9), 0.0)] == []
+    # ...while a real spike still is one.
+    assert "loss_spike" in [a.kind for a in mon.observe("r", metrics(i + 2, 9.0), 0.0)]

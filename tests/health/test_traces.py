@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from services.health_monitor.config import ALERT_KINDS
+from services.health_monitor.detectors import PER_LAYER_KINDS
 from services.health_monitor.monitor import HealthMonitor
 from services.health_monitor.traces import (
+    PROBE_KINDS,
     TraceFormatError,
     make_trace,
     play,
@@ -55,3 +57,30 @@ def test_a_malformed_trace_file_says_what_is_wrong(tmp_path: Path) -> None:
     path.write_text("{oops\n")
     with pytest.raises(TraceFormatError, match="not JSON"):
         read_jsonl(path)
+
+
+RECORDED = Path(__file__).resolve().parents[2] / "benchmarks" / "traces"
+GRACE = 5  # as in benchmarks/health.py
+
+
+@pytest.mark.parametrize("path", sorted(RECORDED.glob("*.jsonl")), ids=lambda p: p.stem)
+def test_recorded_runs_every_incident_is_called_within_two_intervals_and_nothing_else(path: Path) -> None:
+    """The traces recorded from real runs (benchmarks/record_traces.py) as regression cases."""
+    trace = read_jsonl(path)
+    fired = [f for f in play(trace, HealthMonitor()).fired if f.alert.state == "firing"]
+
+    def covers(f, lab) -> bool:
+        return (f.alert.kind == lab.kind or f.alert.kind in lab.also) and lab.start <= f.index <= lab.end + GRACE
+
+    for lab in trace.incidents:
+        if lab.detail.get("optional"):
+            continue
+        hits = [f.index for f in fired if f.alert.kind == lab.kind and lab.start <= f.index <= lab.end + GRACE
+                and (lab.kind not in PER_LAYER_KINDS or f.alert.evidence.layer == lab.layer)]
+        assert hits, f"{lab.kind} [{lab.start}, {lab.end}] {lab.layer or ''} not called"
+        # A probe is measured every 10 steps here: its detectors may need the next measurement.
+        allowed = 10 if lab.kind in PROBE_KINDS else 2
+        assert hits[0] - lab.start <= allowed, f"{lab.kind} {lab.layer or ''} called {hits[0] - lab.start} intervals late"
+    false = [f"{f.alert.kind}@{f.index}: {f.alert.message}" for f in fired
+             if not any(covers(f, lab) for lab in trace.incidents)]
+    assert false == []

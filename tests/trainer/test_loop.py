@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -188,6 +189,25 @@ def test_fault_injection_multiplies_the_lr_and_corrupts_a_batch(source, tmp_path
     assert lrs[2] == pytest.approx(1e-2) and lrs[3] == pytest.approx(0.1) and lrs[16] == pytest.approx(0.1)
     losses = {r.step: r.loss for r in rec.results}
     assert losses[14] > max(losses[13], losses[15]) + 0.5
+
+
+def test_the_slowdown_fault_stretches_every_step_from_its_start_and_survives_a_rollback(source, tmp_path, monkeypatch):
+    import services.trainer.loop as loop_mod
+
+    sleeps: list[tuple[int, float]] = []
+    rec = Recorder()
+    clock = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if not n.startswith("_")})
+    clock.sleep = lambda s: sleeps.append((len(rec.results) + 1, s))  # the loop's own sleeps, not other threads'
+    monkeypatch.setattr(loop_mod, "time", clock)
+    cfg = make_config(max_steps=8, faults={"slowdown_step": 5, "slowdown_factor": 3.0})
+    trainer = Trainer(cfg, source(), tmp_path, callbacks=[rec])
+    trainer.fit()
+    assert [s for s, _ in sleeps] == [5, 6, 7, 8]  # each step from 5 on, none before
+    assert all(d > 0 for _, d in sleeps)
+    assert trainer.faults.state_dict() == {"fired": ["slowdown"]}
+    again = loop_mod.FaultInjector(cfg.faults)
+    again.load_state_dict(trainer.faults.state_dict())
+    assert again.slowdown(3) == 1.0 and again.slowdown(9) == 3.0  # a resumed run past the start stays slow
 
 
 def test_eval_tracks_the_best_validation_loss_and_keeps_that_checkpoint(source, tmp_path):

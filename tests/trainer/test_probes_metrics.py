@@ -56,7 +56,9 @@ def test_token_drift_is_measured_against_the_baseline(domains, tmp_path):
     same = run({"code": 1.0, "prose": 0.0}, tmp_path / "a")
     other = run({"code": 0.0, "prose": 1.0}, tmp_path / "b")
     assert same["token_js"] < other["token_js"] and same["token_kl"] < other["token_kl"]
-    assert same["rare_mass_data"] == pytest.approx(0.0, abs=1e-6)  # the rarest half never occurs in the data
+    # Half the vocabulary never occurs in this data: the rare set is the rarest half of the tokens
+    # that do, so the ratio is a number, not 0/0.
+    assert 0 < same["rare_mass_data"] < 0.5 and math.isfinite(same["rare_mass_ratio"]) and same["rare_mass_ratio"] > 0
 
 
 def test_probe_context_statistics_on_a_known_model():
