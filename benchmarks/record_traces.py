@@ -11,10 +11,7 @@ Setup: the `tiny` preset, seq_len 64, batch 8, AdamW lr 2e-3 (10 warm-up steps, 
 200 steps whatever the run's length), fp32 on one CPU thread, metrics every step, probes every
 10 steps, validation every 50. The control policy records every alert kind instead of acting,
 and the loop's own non-finite alarm is off (`max_consecutive_skips` huge): a poisoned run keeps
-running, as it would until a monitor noticed. (In the traces kept here the rare-token probe
-reads NaN throughout: they were recorded while it took the rarest half of the whole
-400-token vocabulary, which never occurs in this data, so its data mass was 0. It now takes
-the rarest of the tokens that occur; a new recording carries the ratio.)
+running, as it would until a monitor noticed.
 
 Runs (faults from `TrainConfig.faults`, each fires once; 120-170 steps):
     clean-seed0, clean-seed1        no fault
@@ -22,7 +19,6 @@ Runs (faults from `TrainConfig.faults`, each fires once; 120-170 steps):
     lr-x300-seed1                   LR x300 from step 80 on
     nan-param-seed0                 a NaN written into the first MLP matrix before step 100
     corrupt-batch-seed1, -seed0     step 133 / 67 trains on uniform-noise tokens
-  recorded later, in a second session (the runs above were kept as they were):
     clean-seed2, clean-seed3        no fault
     lr-x30-seed2                    LR x30 from step 100 on
     lr-x100-seed3                   LR x100 from step 120 on
@@ -59,8 +55,9 @@ have been without the fault. Per kind (indices are log intervals = step - 1):
 
 A kind qualifies on those (unambiguous) sizes; its extent is the whole excursion around the
 peak at a looser onset (loss 1.1x, grad 3x, entropy 0.75x, dead +0.05, rare 0.6x, drift 2x,
-tokens/s 0.8x), from the first interval that shows it to the last, bridging gaps of up to 5
-intervals (2 probe evaluations): a monitor is judged on when the excursion began, not on when
+tokens/s 0.85x), from the first interval that shows it to the last, bridging gaps of up to 5
+intervals (2 probe evaluations; 2 intervals for tokens/s, whose probe steps are single slow
+intervals 10 apart): a monitor is judged on when the excursion began, not on when
 it crossed a threshold of the labeller's. `also` follows traces.py (a divergence may also fire
 loss_spike and grad_explosion). Natural loss spikes and gradient explosions of those sizes in
 any run are labelled too (cause 'natural'); none were seen when these traces were recorded.
@@ -156,7 +153,6 @@ RUNS = [
     RunSpec("nan-param-seed0", 0, {"nan_param_step": 100}, steps=140),
     RunSpec("corrupt-batch-seed1", 1, {"corrupt_batch_step": 133}),
     RunSpec("corrupt-batch-seed0", 0, {"corrupt_batch_step": 67}, steps=130),
-    # Added in a second recording session (the runs above were not re-recorded):
     RunSpec("clean-seed2", 2),
     RunSpec("clean-seed3", 3),
     RunSpec("lr-x30-seed2", 2, {"lr_multiply_step": 100, "lr_multiply_factor": 30.0}),
@@ -441,9 +437,9 @@ class Labeller:
 
         peaks = sorted(set(runs(0.5, 2)) | set(runs(0.7, 5)))
         gray = runs(0.85, 3)
-        onset = [i for i, x in enumerate(r) if x <= 0.8]
-        required = _around(onset, peaks, 1)
-        optional = [sp for sp in _around(sorted(set(onset) | set(gray)), gray, 1)
+        onset = [i for i, x in enumerate(r) if x <= 0.85]
+        required = _around(onset, peaks, 2)
+        optional = [sp for sp in _around(sorted(set(onset) | set(gray)), gray, 2)
                     if not any(a <= sp[1] and sp[0] <= b for a, b in required)]
         for span, must in [(sp, True) for sp in required] + [(sp, False) for sp in optional]:
             worst = min(r[span[0]:span[1] + 1])

