@@ -69,3 +69,11 @@ def test_demo_config_is_valid() -> None:
     cfg = load_run_config(REPO / "configs" / "demo.yaml")
     assert cfg.stages[0] == "data"
     assert len(cfg.config_hash()) == 64
+
+
+def test_the_drill_config_is_valid_and_injects_its_fault() -> None:
+    cfg = load_run_config(REPO / "configs" / "drill.yaml")
+    assert cfg.stages == ["data", "train"]
+    faults = cfg.train["faults"]
+    assert (faults["lr_multiply_step"], faults["lr_multiply_factor"]) == (150, 300.0)
+    assert cfg.train["checkpoint"]["every"] < cfg.train["faults"]["lr_multiply_step"]  # a checkpoint to roll back to
