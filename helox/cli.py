@@ -44,6 +44,7 @@ from contracts.codec import envelope
 from shared.bus import admin
 from shared.bus.wire import encode_entry
 from shared.config import ConfigError, HeloxSettings, load_settings
+from shared.redis_server import RedisServer
 
 from .runconfig import load_run_config
 from .stack import SERVICES, LocalStack, find_running_stack
@@ -101,6 +102,27 @@ def _client(settings: HeloxSettings) -> redis.Redis:
         err.print("[red]error:[/red] no Redis: set HELOX_REDIS_URL or start the local stack with `helox up`")
         raise typer.Exit(2)
     return redis.Redis.from_url(url, socket_timeout=10)
+
+
+@contextlib.contextmanager
+def _reading(settings: HeloxSettings) -> Iterator[redis.Redis]:
+    """A client for a command that only reads events: the configured Redis, a running local
+    stack's, or else the local stack's own data on disk (its embedded Redis started on that
+    data for the command's length), so that a run `helox run` finished can still be watched
+    back or reported after its stack stopped."""
+    if settings.redis_url or find_running_stack(settings):
+        yield _client(settings)
+        return
+    data = Path(settings.state_dir).resolve() / "redis"
+    if not data.is_dir():
+        err.print("[red]error:[/red] no Redis: set HELOX_REDIS_URL or start the local stack with `helox up` "
+                  f"(and no local stack data in {data})")
+        raise typer.Exit(2)
+    server = RedisServer(data).start()
+    try:
+        yield redis.Redis.from_url(server.url, socket_timeout=10)
+    finally:
+        server.stop()
 
 
 # --- the local stack ------------------------------------------------------------------
@@ -528,15 +550,21 @@ def watch(
     refresh: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
 ) -> None:
     """A live view of a run: loss and LR sparklines, throughput, grad norm, alerts and actions."""
+    from services.health_monitor.watch import render_watch
+
+    settings = _settings()
+    with _reading(settings) as client:
+        if once:
+            console.print(render_watch(_run_events(client, settings.topic_prefix, run_id), run_id=run_id))
+            return
+        _watch_live(client, settings, run_id, refresh)
+
+
+def _watch_live(client: redis.Redis, settings: HeloxSettings, run_id: str, refresh: float) -> None:
     from rich.live import Live
 
     from services.health_monitor.watch import render_watch
 
-    settings = _settings()
-    client = _client(settings)
-    if once:
-        console.print(render_watch(_run_events(client, settings.topic_prefix, run_id), run_id=run_id))
-        return
     with Live(console=console, refresh_per_second=4) as live, contextlib.suppress(KeyboardInterrupt):
         while True:
             events = _run_events(client, settings.topic_prefix, run_id)
@@ -556,7 +584,8 @@ def report(
     from shared.artifacts import ArtifactStore, atomic_write_bytes
 
     settings = _settings()
-    events = _run_events(_client(settings), settings.topic_prefix, run_id)
+    with _reading(settings) as client:
+        events = _run_events(client, settings.topic_prefix, run_id)
     if not events:
         err.print(f"[red]error:[/red] no events for run {run_id!r}")
         raise typer.Exit(1)

@@ -127,3 +127,34 @@ def test_run_fails_fast_when_a_stage_has_no_consumer(redis_url: str, subprocess_
     assert out.returncode == 1
     assert "nothing handles these stages" in out.stderr and "data-prep" in out.stderr
     assert time.monotonic() - t0 < 90
+
+
+def test_report_and_watch_read_a_stopped_local_stack_from_its_data(tmp_path: Path) -> None:
+    """After `helox run` stopped the stack it started, its runs can still be reported and watched back."""
+    from contracts import TrainingMetrics
+    from contracts.codec import envelope
+    from shared.redis_server import RedisServer
+    from tests.bus.helpers import PRODUCER
+
+    state = tmp_path / "state"
+    server = RedisServer(state / "redis").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        for step in (10, 20, 30):
+            m = TrainingMetrics(step=step, tokens_seen=step * 100, loss=5.0 - step / 10, lr=1e-3, grad_norm=1.0,
+                                tokens_per_s=1000.0, seq_len=64, batch_size=8, data_cursor=step)
+            publish(client, envelope(m, producer=PRODUCER, run_id="run-x"))
+    finally:
+        server.stop()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELOX_")}
+    env.update(HELOX_STATE_DIR=str(state), HELOX_ARTIFACTS=str(tmp_path / "art"), PYTHONPATH=str(REPO))
+    for attempt in range(2):  # twice: the first command's embedded server must have stopped cleanly
+        page = tmp_path / f"report-{attempt}.html"
+        out = helox(["report", "run-x", "--out", str(page)], env)
+        assert out.returncode == 0, out.stderr
+        html = page.read_text()
+        assert "<svg" in html and "run-x" in html
+    watched = helox(["watch", "run-x", "--once"], env)
+    assert watched.returncode == 0 and "run-x" in watched.stdout, watched.stderr
+    none = helox(["report", "run-x"], {**env, "HELOX_STATE_DIR": str(tmp_path / "empty")})
+    assert none.returncode == 2 and "no Redis" in none.stderr
