@@ -124,7 +124,8 @@ class MixingConfig(_Section):
 
 
 class FaultConfig(_Section):
-    """Fault injection for drills; everything off by default. Each fault fires once per run."""
+    """Fault injection for drills; everything off by default. Each fault fires once per run
+    (the slowdown, once begun, lasts: a rollback restores the model, not the machine)."""
 
     lr_multiply_step: int | None = Field(default=None, ge=1)
     lr_multiply_factor: float = Field(default=100.0, gt=0)
