@@ -188,10 +188,6 @@ def _seeds(spec: str) -> list[int]:
     return out
 
 
-def _is_true(f: Fired, tr: Trace) -> bool:
-    return _covers(f, tr.incidents)
-
-
 def _no_fault(tr: Trace) -> bool:
     """A recorded run without an injected fault: no labels, or only the machine's own slowdowns."""
     return all(lab.detail.get("cause") == "environment" for lab in tr.incidents)
@@ -208,11 +204,11 @@ def recorded_details(replays: list[Replay]) -> tuple[int, list[str]]:
                            f"{' (optional)' if _optional(lab) else ''}" for lab in tr.incidents) or "none (clean)"
         print(f"  {tr.name} ({len(tr.events)} intervals): labelled {labels}")
         fired = ", ".join(f"{f.alert.kind}{'/' + f.alert.evidence.layer if f.alert.evidence.layer else ''}"
-                          f"@{f.index}{'' if _is_true(f, tr) else ' FALSE'}" for f in firing)
+                          f"@{f.index}{'' if _covers(f, tr.incidents) else ' FALSE'}" for f in firing)
         print(f"      fired: {fired or 'nothing'}")
         if _no_fault(tr):
             clean_false += [f"{tr.name}@{f.index}(step {tr.events[f.index][1].step}): {f.alert.message}"
-                            for f in firing if not _is_true(f, tr)]
+                            for f in firing if not _covers(f, tr.incidents)]
     return sum(len(rp.trace.events) for rp in replays if _no_fault(rp.trace)), clean_false
 
 
