@@ -96,7 +96,7 @@ from contracts.events import TrainingMetrics
 from services.data_prep.pipeline import prepare_dataset
 from services.health_monitor.config import ALERT_KINDS, HealthConfig
 from services.health_monitor.traces import _ALSO, Label, Trace, read_jsonl
-from services.trainer.app import build_trainer, train_config
+from services.trainer.job import build_trainer, train_config
 from services.trainer.metrics import FunctionEmitter
 from shared.artifacts import ArtifactStore
 from shared.data.manifest import load_manifest
@@ -216,7 +216,7 @@ def record(spec: RunSpec, manifest: Path, work: Path) -> tuple[list[tuple[float,
         last_probes[0] = json.dumps(probes)
         events.append((round(time.time(), 3), TrainingMetrics.model_validate(fields)))
 
-    trainer = build_trainer(cfg, manifest, work / spec.name, spec.name, [FunctionEmitter(emit)])
+    trainer = build_trainer(cfg, manifest, work / spec.name, run_id=spec.name, callbacks=[FunctionEmitter(emit)])
     result = trainer.fit()
     if result.status != "completed" or result.final_step != spec.steps:
         raise RuntimeError(f"{spec.name}: the run ended {result.status} at step {result.final_step}: {result.reason}")

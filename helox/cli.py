@@ -456,22 +456,20 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run directory (default: <artifacts>/runs/<name>).")] = None,
 ) -> None:
     """Train on a prepared dataset here, without the bus (metrics as log lines)."""
-    from services.trainer.app import build_trainer, train_config
+    from services.trainer.job import build_trainer, train_config_for_manifest
     from services.trainer.metrics import FunctionEmitter
     from shared.artifacts import ArtifactStore
-    from shared.data.manifest import load_manifest
 
     cfg, settings = _load_run(config)
     manifest_path = _manifest_path(settings, dataset)
-    m = load_manifest(manifest_path)
-    tcfg = train_config(cfg.train, vocab_size=m.tokenizer.vocab_size, dataset_version=m.version)
+    tcfg = train_config_for_manifest(cfg.train, manifest_path)
     run_dir = out or ArtifactStore(settings.artifacts).path("runs", cfg.name)
 
     def show(metrics: dict[str, Any]) -> None:
         console.print(f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f} "
                       f"lr {metrics.get('lr', 0):.2e} tok/s {metrics.get('tokens_per_s', 0):.0f}", highlight=False)
 
-    trainer = build_trainer(tcfg, manifest_path, run_dir, cfg.name, [FunctionEmitter(show)])
+    trainer = build_trainer(tcfg, manifest_path, run_dir, run_id=cfg.name, callbacks=[FunctionEmitter(show)])
     signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: trainer.request_stop("interrupted"))
     result = trainer.fit(resume)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from contracts import (
@@ -38,8 +37,8 @@ from contracts import (
 from shared.artifacts import ArtifactDigestError, ArtifactStore
 from shared.bus import Delivery, Outbox, Requeue
 from shared.checkpoint import CheckpointError
-from shared.data.dataset import BatchLoader, DatasetError, TokenDataset
-from shared.data.manifest import ManifestError, ShardCorruptError, load_histograms
+from shared.data.dataset import DatasetError
+from shared.data.manifest import ManifestError, ShardCorruptError
 from shared.logging import get_logger
 from shared.runs import RunNotFoundError, find_run_request, section
 from shared.service import ServiceRuntime
@@ -47,6 +46,7 @@ from shared.service import ServiceRuntime
 from .config import TrainConfig
 from .control import Action, Alert, Command
 from .hooks import Callback
+from .job import build_trainer, train_config
 from .loop import Trainer, TrainingError, TrainingResult
 
 log = get_logger("helox.trainer")
@@ -111,34 +111,10 @@ class BusEmitter(Callback):
 _REASONS = {"interval", "final", "signal", "command", "rollback-point"}
 
 
-def train_config(train: dict[str, Any], *, vocab_size: int, dataset_version: str) -> TrainConfig:
-    """The run's `train` section, bound to its dataset: the model's vocabulary is the tokenizer's."""
-    overrides = {**train.get("model_overrides", {}), "vocab_size": vocab_size}
-    return TrainConfig.model_validate({**train, "model_overrides": overrides, "dataset_version": dataset_version})
-
-
 @dataclass
 class Job:
     run_id: str
     trainer: Trainer
-
-
-def _histogram_baseline(manifest_path: Path) -> np.ndarray | None:
-    hists = load_histograms(manifest_path)
-    train = [v for k, v in hists.items() if k.startswith("train/")]
-    return np.sum(train, axis=0) if train else None
-
-
-def build_trainer(cfg: TrainConfig, manifest_path: Path, out_dir: Path, run_id: str | None,
-                  callbacks: list[Callback]) -> Trainer:
-    """The Trainer for one run: the dataset's train stream and its fixed validation batches."""
-    T = cfg.curriculum.seq_len_start or cfg.batch.seq_len
-    data = BatchLoader(TokenDataset(manifest_path, "train", batch_size=cfg.batch.global_batch_size, seq_len=T,
-                                    seed=cfg.seed))
-    val = BatchLoader(TokenDataset(manifest_path, "val", batch_size=max(1, cfg.batch.global_batch_size),
-                                   seq_len=cfg.batch.seq_len, seed=cfg.seed))
-    return Trainer(cfg, data, out_dir, val_data=val, callbacks=callbacks,
-                   baseline_histogram=_histogram_baseline(manifest_path), run_id=run_id)
 
 
 class TrainerService:
@@ -197,7 +173,8 @@ class TrainerService:
         assert self.outbox is not None
         emitter = BusEmitter(self.outbox, rt.store, run_id, env, meta)
         try:
-            trainer = await asyncio.to_thread(build_trainer, cfg, manifest_path, out_dir, run_id, [emitter])
+            trainer = await asyncio.to_thread(build_trainer, cfg, manifest_path, out_dir, run_id=run_id,
+                                              callbacks=[emitter])
         except (ManifestError, ShardCorruptError, DatasetError, TrainingError, CheckpointError) as exc:
             await self._fail(env, f"cannot start training: {exc}", type(exc).__name__)
             await rt.idempotency.commit(f"run:{run_id}", "failed")
