@@ -13,15 +13,15 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from shared.config import ConfigError, describe_validation_error, read_yaml
+from shared.config import ConfigError, StrictModel, describe_validation_error, read_yaml
 
 Stage = Literal["data", "train", "eval", "export"]
 
 
-class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RunConfig(StrictModel):
+    """A run config file, each section validated by its owner's model (see `load_run_config`)."""
 
     name: str = Field(default="demo", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stages: list[Stage] = Field(default_factory=lambda: ["data", "train", "eval", "export"], min_length=1)

@@ -1,4 +1,5 @@
-"""Deployment settings: one pydantic-settings model read from a YAML file and HELOX_* env.
+"""Deployment settings (one pydantic-settings model read from a YAML file and HELOX_* env),
+and the strict base every configuration section derives from.
 
 Precedence: explicit overrides > environment (HELOX_*) > YAML file (HELOX_CONFIG or the
 path given) > defaults. An invalid value fails at start-up with ConfigError naming the
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from contracts import DEFAULT_PREFIX
@@ -25,6 +26,23 @@ _CONFIG_PATH: ContextVar[str | None] = ContextVar("helox_config_path", default=N
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and its source."""
+
+
+class StrictModel(BaseModel):
+    """Base of every configuration section (run config, data, train, eval, health, export, model).
+
+    Unknown keys are refused, so a typo fails validation naming the field instead of being
+    ignored; defaults are validated like given values, so a default that breaks its own
+    constraint fails too.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class FrozenStrictModel(StrictModel):
+    """A StrictModel whose instances cannot change once validated (shared, hashable settings)."""
+
+    model_config = ConfigDict(frozen=True)
 
 
 class HeloxSettings(BaseSettings):

@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from shared.config import StrictModel
 
 DEFAULT_SUITES_DIR = Path(__file__).resolve().parent / "suites"
 """The suites shipped with the evaluator (Python completion, multiple choice)."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GenerationConfig(_Section):
+class GenerationConfig(StrictModel):
     """How suite prompts are completed (shared.model.generate, KV cache)."""
 
     max_new_tokens: int = Field(default=24, ge=1, description="Tokens generated per prompt at most.")
@@ -29,7 +27,7 @@ class GenerationConfig(_Section):
     seed: int = Field(default=0, description="Sampling seed when temperature > 0.")
 
 
-class GatesConfig(_Section):
+class GatesConfig(StrictModel):
     """Quality gates. Regression gates fail only on a significant paired difference beyond the threshold."""
 
     val_ppl_max_increase: float = Field(
@@ -46,7 +44,7 @@ class GatesConfig(_Section):
     require_parity: bool = Field(default=True, description="A failed parity check fails the 'parity' gate.")
 
 
-class ParityConfig(_Section):
+class ParityConfig(StrictModel):
     """Numerical parity checks of the model in the forms it will be served in."""
 
     enabled: bool = True
@@ -60,7 +58,7 @@ class ParityConfig(_Section):
     int8_max_ppl_increase: float = Field(default=0.05, ge=0, description="Relative perplexity increase int8 vs fp32.")
 
 
-class EvalConfig(_Section):
+class EvalConfig(StrictModel):
     """Everything `evaluate_checkpoint` needs besides the checkpoint and the dataset."""
 
     batch_size: int = Field(default=16, ge=1, description="Validation windows per forward.")

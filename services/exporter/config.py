@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from shared.config import FrozenStrictModel
 
 Format = Literal["native", "hf", "onnx", "gguf", "tensorrt"]
 FORMATS: tuple[Format, ...] = ("native", "hf", "onnx", "gguf", "tensorrt")
 Quantisation = Literal["f32", "f16", "q8_0"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class WatermarkConfig(_Strict):
+class WatermarkConfig(FrozenStrictModel):
     """The keyed, function-preserving weight watermark (services.exporter.watermark).
 
     Its key is an argument of `export_checkpoint`; by default derived from the signing key
@@ -29,7 +27,7 @@ class WatermarkConfig(_Strict):
                                       description="Detected when the false-positive bound is at most this.")
 
 
-class ParityConfig(_Strict):
+class ParityConfig(FrozenStrictModel):
     """How each format is checked against the PyTorch model."""
 
     atol: float = Field(default=1e-4, gt=0.0, description="Logit tolerance (fp32) for HF and ONNX.")
@@ -42,7 +40,7 @@ class ParityConfig(_Strict):
     fail_on_mismatch: bool = Field(default=True, description="Refuse the export when a format fails parity.")
 
 
-class ExportConfig(_Strict):
+class ExportConfig(FrozenStrictModel):
     """What the exporter produces and when."""
 
     formats: list[Format] = Field(default_factory=lambda: ["native", "hf", "onnx", "gguf", "tensorrt"],

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 from typing import get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from contracts.events import AlertKind, RecommendedAction, Severity
+from shared.config import FrozenStrictModel
 
 ALERT_KINDS: tuple[AlertKind, ...] = get_args(AlertKind)
 """Every alert kind, in the contract's order (one source of truth: contracts.events.AlertKind)."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NonFiniteConfig(_Strict):
+class NonFiniteConfig(FrozenStrictModel):
     enabled: bool = True
     fp16_overflow_is_benign: bool = Field(
         default=True,
@@ -36,7 +33,7 @@ class NonFiniteConfig(_Strict):
     )
 
 
-class LossSpikeConfig(_Strict):
+class LossSpikeConfig(FrozenStrictModel):
     enabled: bool = True
     window: int = Field(default=64, ge=4, description="Residuals in the noise-scale window (a MAD over fewer than "
                         "~50 values is itself too noisy: it under-reads the noise by 30-40% now and then).")
@@ -56,7 +53,7 @@ class LossSpikeConfig(_Strict):
     repeat_window_steps: int = Field(default=2000, ge=1, description="Window for counting repeated spikes.")
 
 
-class DivergenceConfig(_Strict):
+class DivergenceConfig(FrozenStrictModel):
     enabled: bool = True
     min_history: int = Field(default=16, ge=3, description="Intervals needed before the detector speaks.")
     level_window: int = Field(default=5, ge=1, description="Median of this many intervals is the loss level "
@@ -74,7 +71,7 @@ class DivergenceConfig(_Strict):
     noise_window: int = Field(default=32, ge=4, description="Intervals of residuals for the noise-scale estimate.")
 
 
-class StagnationConfig(_Strict):
+class StagnationConfig(FrozenStrictModel):
     enabled: bool = True
     train_steps: int = Field(default=2000, ge=1, description="Training loss: no improvement over this many steps...")
     train_fraction: float = Field(default=0.15, ge=0, le=1, description="...or over this fraction of the steps so far, "
@@ -96,7 +93,7 @@ class StagnationConfig(_Strict):
     val_epsilon: float = Field(default=0.001, ge=0, description="Relative improvement of val_loss that counts.")
 
 
-class GradExplosionConfig(_Strict):
+class GradExplosionConfig(FrozenStrictModel):
     enabled: bool = True
     window: int = Field(default=32, ge=4, description="Intervals in the rolling median of the grad norm.")
     min_history: int = Field(default=10, ge=3, description="Intervals needed before the detector speaks.")
@@ -107,7 +104,7 @@ class GradExplosionConfig(_Strict):
                             "intervals (after that a new level becomes the normal).")
 
 
-class LossScaleConfig(_Strict):
+class LossScaleConfig(FrozenStrictModel):
     enabled: bool = True
     floor: float = Field(default=1.0, gt=0, description="An fp16 loss scale below this has collapsed.")
     window_steps: int = Field(default=200, ge=1, description="Steps over which the overflow rate is measured.")
@@ -115,7 +112,7 @@ class LossScaleConfig(_Strict):
     min_steps: int = Field(default=20, ge=1, description="Steps of history needed before the rate is judged.")
 
 
-class DeadNeuronsConfig(_Strict):
+class DeadNeuronsConfig(FrozenStrictModel):
     enabled: bool = True
     probe: str = Field(default="dead_units", description="Probe name prefix: values arrive as '<probe>/<layer>'.")
     max_fraction: float = Field(default=0.3, gt=0, le=1, description="Dead-unit fraction that fires.")
@@ -123,7 +120,7 @@ class DeadNeuronsConfig(_Strict):
     rise_window_steps: int = Field(default=1000, ge=1, description="Window for the rise.")
 
 
-class AttentionEntropyConfig(_Strict):
+class AttentionEntropyConfig(FrozenStrictModel):
     enabled: bool = True
     probe: str = Field(default="attn_entropy", description="Probe name prefix: values arrive as '<probe>/<layer>'.")
     floor_nats: float = Field(default=0.1, ge=0, description="Mean attention entropy below this has collapsed.")
@@ -133,7 +130,7 @@ class AttentionEntropyConfig(_Strict):
     freeze_cap: int = Field(default=32, ge=0, description="Probe evaluations the reference stays frozen while firing.")
 
 
-class RareTokenConfig(_Strict):
+class RareTokenConfig(FrozenStrictModel):
     enabled: bool = True
     probe: str = Field(default="rare_mass_ratio", description="Probe: predicted / data mass of the rarest tokens.")
     floor: float = Field(default=0.1, gt=0, description="A ratio below this has collapsed.")
@@ -143,7 +140,7 @@ class RareTokenConfig(_Strict):
     freeze_cap: int = Field(default=32, ge=0, description="Probe evaluations the reference stays frozen while firing.")
 
 
-class TokenDriftConfig(_Strict):
+class TokenDriftConfig(FrozenStrictModel):
     enabled: bool = True
     probe: str = Field(default="token_js", description="Probe: JS divergence (nats) of the data window vs the baseline.")
     max_js: float = Field(default=0.3, gt=0, description="JS divergence that fires whatever the history.")
@@ -156,7 +153,7 @@ class TokenDriftConfig(_Strict):
     freeze_cap: int = Field(default=32, ge=0, description="Probe evaluations the reference stays frozen while firing.")
 
 
-class ThroughputConfig(_Strict):
+class ThroughputConfig(FrozenStrictModel):
     enabled: bool = True
     window: int = Field(default=32, ge=3, description="Intervals in the rolling median of tokens/s.")
     min_history: int = Field(default=6, ge=2, description="Intervals needed (after a regime change too).")
@@ -172,14 +169,14 @@ class ThroughputConfig(_Strict):
     freeze_cap: int = Field(default=128, ge=0, description="While low, the baseline is frozen for at most this many intervals.")
 
 
-class StallConfig(_Strict):
+class StallConfig(FrozenStrictModel):
     enabled: bool = True
     min_s: float = Field(default=120.0, gt=0, description="Never call a trainer stalled before this many seconds of silence.")
     gap_factor: float = Field(default=10.0, gt=1, description="...nor before this x its median gap between metrics.")
     gap_window: int = Field(default=32, ge=2, description="Gaps in the median.")
 
 
-class KindPolicy(_Strict):
+class KindPolicy(FrozenStrictModel):
     """Severity and recommended action of one alert kind."""
 
     severity: Severity
@@ -213,7 +210,7 @@ def _default_policies() -> dict[AlertKind, KindPolicy]:
     }
 
 
-class AlertConfig(_Strict):
+class AlertConfig(FrozenStrictModel):
     policies: dict[AlertKind, KindPolicy] = Field(default_factory=_default_policies)
     escalated_severity: Severity = Field(default="critical", description="Severity of a repeated loss spike.")
     escalated_action: RecommendedAction = Field(default="rollback", description="Action for a repeated loss spike.")
@@ -228,7 +225,7 @@ class AlertConfig(_Strict):
         return self
 
 
-class HealthConfig(_Strict):
+class HealthConfig(FrozenStrictModel):
     """Everything the health monitor can be told; `HealthConfig()` is a sound default."""
 
     non_finite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from shared.config import StrictModel
 from shared.model import ModelConfig, model_preset
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class OptimConfig(_Section):
+class OptimConfig(StrictModel):
     lr: float = Field(default=3e-4, gt=0, description="Peak learning rate (at batch.global_batch_size).")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     warmup_steps: int = Field(default=100, ge=0, description="Linear warmup steps.")
@@ -25,7 +22,7 @@ class OptimConfig(_Section):
     fused: bool | None = Field(default=None, description="Fused AdamW; None: where the device supports it.")
 
 
-class BatchConfig(_Section):
+class BatchConfig(StrictModel):
     global_batch_size: int = Field(default=32, gt=0, description="Sequences per optimizer step, all ranks together.")
     micro_batch_size: int | Literal["auto"] = Field(
         default=8, description="Sequences per forward per rank; 'auto' probes the largest that fits (GPU)."
@@ -33,7 +30,7 @@ class BatchConfig(_Section):
     seq_len: int = Field(default=256, gt=1, description="Full training sequence length.")
 
 
-class StabilityConfig(_Section):
+class StabilityConfig(StrictModel):
     clip_norm: float | None = Field(default=1.0, gt=0, description="Global-norm clipping threshold; None: off.")
     adaptive_clip: bool = Field(default=False, description="Clip at mean + sigma*std of recent norms (capped by clip_norm).")
     adaptive_window: int = Field(default=100, ge=2)
@@ -45,7 +42,7 @@ class StabilityConfig(_Section):
     z_loss: float = Field(default=0.0, ge=0, description="z-loss multiplier on log(sum(exp(logits)))^2 (OLMo: 1e-4).")
 
 
-class NoiseScaleConfig(_Section):
+class NoiseScaleConfig(StrictModel):
     enabled: bool = Field(default=False, description="Estimate the gradient noise scale (needs >= 2 micro-batches).")
     grow: bool = Field(default=False, description="Double the global batch when B_noise exceeds it by grow_ratio.")
     ema: float = Field(default=0.95, ge=0, lt=1)
@@ -54,7 +51,7 @@ class NoiseScaleConfig(_Section):
     min_steps_between: int = Field(default=100, ge=1)
 
 
-class CurriculumConfig(_Section):
+class CurriculumConfig(StrictModel):
     seq_len_start: int | None = Field(default=None, gt=1, description="Sequence-length warmup start; None: off.")
     seq_len_warmup_steps: int = Field(default=0, ge=0)
     seq_len_multiple: int = Field(default=8, ge=1, description="Warmup lengths are rounded to this multiple.")
@@ -68,7 +65,7 @@ class CurriculumConfig(_Section):
     noise_scale: NoiseScaleConfig = Field(default_factory=NoiseScaleConfig)
 
 
-class ProbeConfig(_Section):
+class ProbeConfig(StrictModel):
     enabled: bool = True
     every: int = Field(default=100, ge=1, description="Probe cadence in steps.")
     batch_size: int = Field(default=4, ge=1, description="Sequences of the step's batch the probes look at.")
@@ -80,7 +77,7 @@ class ProbeConfig(_Section):
     )
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(StrictModel):
     every: int | None = Field(default=1000, ge=1, description="Interval in steps; None: only at the end / on request.")
     keep_last: int = Field(default=3, ge=1)
     keep_best: bool = True
@@ -94,12 +91,12 @@ class CheckpointConfig(_Section):
     dirname: str = Field(default="checkpoints", description="Sub-directory of the run's out_dir.")
 
 
-class EvalConfig(_Section):
+class EvalConfig(StrictModel):
     every: int | None = Field(default=None, ge=1, description="Validation cadence in steps; None: off.")
     batches: int = Field(default=8, ge=1, description="Validation micro-batches per evaluation.")
 
 
-class WandbConfig(_Section):
+class WandbConfig(StrictModel):
     mode: Literal["disabled", "offline", "online"] = Field(
         default="offline", description="offline: files under out_dir/wandb (sync later); online needs WANDB_API_KEY."
     )
@@ -108,13 +105,13 @@ class WandbConfig(_Section):
     name: str | None = None
 
 
-class LogConfig(_Section):
+class LogConfig(StrictModel):
     every: int = Field(default=10, ge=1, description="Metrics emission cadence in steps.")
     structlog: bool = Field(default=True, description="Emit metrics as structured log lines.")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
-class MixingConfig(_Section):
+class MixingConfig(StrictModel):
     enabled: bool = Field(default=False, description="Online domain mixing (EXP3 over domain losses).")
     update_every: int = Field(default=10, ge=1)
     smoothing: float = Field(default=0.9, ge=0, lt=1, description="EMA factor of the importance-weighted rewards.")
@@ -123,7 +120,7 @@ class MixingConfig(_Section):
     initial_weights: dict[str, float] | None = None
 
 
-class FaultConfig(_Section):
+class FaultConfig(StrictModel):
     """Fault injection for drills; everything off by default. Each fault fires once per run
     (the slowdown, once begun, lasts: a rollback restores the model, not the machine)."""
 
@@ -137,7 +134,7 @@ class FaultConfig(_Section):
     slowdown_factor: float = Field(default=2.0, ge=1, description="How much longer each step takes.")
 
 
-class DistributedConfig(_Section):
+class DistributedConfig(StrictModel):
     strategy: Literal["auto", "none", "ddp", "fsdp"] = Field(
         default="auto", description="auto: DDP when launched by torchrun with WORLD_SIZE > 1."
     )
@@ -146,7 +143,7 @@ class DistributedConfig(_Section):
     backend: str | None = Field(default=None, description="nccl on GPU, gloo on CPU by default.")
 
 
-class ControlConfig(_Section):
+class ControlConfig(StrictModel):
     max_rollbacks: int = Field(default=3, ge=0, description="Rollbacks before the policy halts the run.")
     lr_cut: float = Field(default=0.5, gt=0, lt=1, description="LR factor after a rollback for instability.")
     spike_repeat: int = Field(default=3, ge=1, description="Spikes within spike_window_steps that count as divergence.")
@@ -157,7 +154,7 @@ class ControlConfig(_Section):
     )
 
 
-class TrainConfig(_Section):
+class TrainConfig(StrictModel):
     """Everything a training run needs except the data (given as a batch source)."""
 
     model: ModelConfig | str = Field(default="tiny", description="A ModelConfig or a preset name.")

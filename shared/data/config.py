@@ -10,17 +10,15 @@ from __future__ import annotations
 import sysconfig
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from shared.config import StrictModel
 
 DOMAIN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 """Domain names become directory names of shards: keep them filesystem-safe."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class CorpusSource(_Strict):
+class CorpusSource(StrictModel):
     """One input: a file, a directory (walked for .txt/.md/.rst/.py/.jsonl) or a glob."""
 
     path: str = Field(description="File, directory or glob ('**' recurses); '{stdlib}' and '~' expand.")
@@ -41,7 +39,7 @@ class CorpusSource(_Strict):
     )
 
 
-class CorpusConfig(_Strict):
+class CorpusConfig(StrictModel):
     """The inputs of a dataset and the directories they may come from."""
 
     sources: list[CorpusSource] = Field(min_length=1)
@@ -50,7 +48,7 @@ class CorpusConfig(_Strict):
     )
 
 
-class FilterConfig(_Strict):
+class FilterConfig(StrictModel):
     """Quality filters applied to each normalised document."""
 
     min_doc_chars: int = Field(default=64, ge=0)
@@ -68,7 +66,7 @@ class FilterConfig(_Strict):
         return self
 
 
-class MinHashConfig(_Strict):
+class MinHashConfig(StrictModel):
     """Near-duplicate removal with MinHash LSH over word n-grams."""
 
     enabled: bool = True
@@ -78,7 +76,7 @@ class MinHashConfig(_Strict):
     seed: int = Field(default=1, ge=0)
 
 
-class SemanticConfig(_Strict):
+class SemanticConfig(StrictModel):
     """SemDeDup: embeddings, k-means, drop near-identical members inside each cluster."""
 
     enabled: bool = False
@@ -94,7 +92,7 @@ class SemanticConfig(_Strict):
     seed: int = Field(default=0, ge=0)
 
 
-class TokenizerConfig(_Strict):
+class TokenizerConfig(StrictModel):
     """A sentencepiece tokenizer, trained on the deduplicated corpus or reused."""
 
     vocab_size: int = Field(default=8_000, ge=300, le=1 << 20)
@@ -119,7 +117,7 @@ class TokenizerConfig(_Strict):
         return self
 
 
-class ShardingConfig(_Strict):
+class ShardingConfig(StrictModel):
     """Tokenization into sharded flat token files."""
 
     shard_tokens: int = Field(default=1 << 24, ge=1, description="A shard is closed after the document crossing this.")
@@ -130,7 +128,7 @@ class ShardingConfig(_Strict):
     seed: int = Field(default=0, ge=0, description="Salt of the document-hash train/validation split.")
 
 
-class DataPrepConfig(_Strict):
+class DataPrepConfig(StrictModel):
     """Everything that decides a dataset: its corpus (default: the stdlib demo corpus) and every parameter."""
 
     corpus: CorpusConfig = Field(default_factory=lambda: stdlib_corpus())

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from shared.config import FrozenStrictModel
 
 
 class UnknownPresetError(KeyError):
@@ -25,10 +27,8 @@ class UnknownPresetError(KeyError):
         return str(self.args[0])
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(FrozenStrictModel):
     """Hyper-parameters of the Llama-style decoder in `shared.model.llama`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     vocab_size: int = Field(gt=0, description="Tokenizer vocabulary size.")
     n_layer: int = Field(gt=0, description="Transformer blocks.")
