@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.health_monitor.config import ALERT_KINDS, HealthConfig
 from services.health_monitor.detectors import stagnation_span, stall_threshold_s
 from services.health_monitor.monitor import HealthMonitor
-from services.health_monitor.traces import Fired, Trace, make_trace, play, read_jsonl
+from tests.health.traces import Fired, Trace, make_trace, play, read_jsonl
 
 GRACE = 5  # intervals after an incident's end in which a firing still counts for it
 RECORDED = Path(__file__).resolve().parent / "traces"  # benchmarks/record_traces.py writes them
@@ -243,7 +243,7 @@ def main() -> int:
     seeds = _seeds(args.seeds)
     sets.append((f"held-out seeds {args.seeds} ({len(seeds)} traces)", [make_trace(s) for s in seeds]))
 
-    print("\n==== synthetic traces (services/health_monitor/traces.py)")
+    print("\n==== synthetic traces (tests/health/traces.py)")
     ok = True
     observed, spent = 0, 0.0
     for title, traces in sets:

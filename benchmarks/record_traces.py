@@ -4,7 +4,7 @@ Runs the project's trainer in-process (no Redis, no monitor: nothing acts on the
 small two-domain dataset built like the tests' (`write_corpus` + `make_config` +
 `prepare_dataset`), collects the metrics it emits every step (the `log` event, turned into
 `contracts.TrainingMetrics` as the bus emitter does), labels the incidents in them and writes
-one JSONL trace per run in the format of `services/health_monitor/traces.py`, which
+one JSONL trace per run in the format of `tests/health/traces.py`, which
 `benchmarks/health.py` scores.
 
 Setup: the `tiny` preset, seq_len 64, batch 8, AdamW lr 2e-3 (10 warm-up steps, cosine over
@@ -95,12 +95,12 @@ import torch
 from contracts.events import TrainingMetrics
 from services.data_prep.pipeline import prepare_dataset
 from services.health_monitor.config import ALERT_KINDS, HealthConfig
-from services.health_monitor.traces import _ALSO, Label, Trace, read_jsonl
 from services.trainer.job import build_trainer, train_config
 from services.trainer.metrics import FunctionEmitter
 from shared.artifacts import ArtifactStore
 from shared.data.manifest import load_manifest
 from tests.data_prep.conftest import make_config, write_corpus
+from tests.health.traces import _ALSO, Label, Trace, read_jsonl
 
 OUT = Path(__file__).resolve().parent / "traces"
 PROBE_EVERY = 10

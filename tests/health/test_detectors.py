@@ -10,7 +10,7 @@ import pytest
 from services.health_monitor.config import ALERT_KINDS, HealthConfig
 from services.health_monitor.detectors import Observation, build_detectors
 from services.health_monitor.monitor import HealthMonitor
-from services.health_monitor.traces import Trace, make_trace, play
+from tests.health.traces import Trace, make_trace, play
 
 from .helpers import clean_series, metrics
 

@@ -18,7 +18,7 @@ from contracts import (
 )
 from services.health_monitor.config import HealthConfig
 from services.health_monitor.monitor import HealthMonitor, incident_id
-from services.health_monitor.traces import Trace, make_trace
+from tests.health.traces import Trace, make_trace
 
 from .helpers import clean_series, env, metrics
 

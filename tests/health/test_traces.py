@@ -11,7 +11,7 @@ import pytest
 from services.health_monitor.config import ALERT_KINDS
 from services.health_monitor.detectors import PER_LAYER_KINDS
 from services.health_monitor.monitor import HealthMonitor
-from services.health_monitor.traces import (
+from tests.health.traces import (
     PROBE_KINDS,
     TraceFormatError,
     make_trace,

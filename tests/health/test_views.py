@@ -10,10 +10,10 @@ from rich.console import Console
 
 from contracts import TrainerAction, TrainingCompleted, TrainingStarted
 from contracts.envelope import ArtifactRef
+from helox.report import nice_ticks, render_report
+from helox.watch import render_watch, sparkline
 from services.health_monitor.monitor import HealthMonitor
-from services.health_monitor.report import nice_ticks, render_report
-from services.health_monitor.traces import make_trace
-from services.health_monitor.watch import render_watch, sparkline
+from tests.health.traces import make_trace
 
 from .helpers import env
 

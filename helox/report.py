@@ -6,7 +6,7 @@ each with the run's alert markers (HealthAlert, coloured by severity) and rollba
 (TrainerAction 'rollback'), then tables of the alerts and of the trainer's actions.
 
 No plotting library: the SVG is generated here, so the report opens anywhere and the
-service image needs nothing more. The output is well-formed XML apart from the doctype,
+CLI needs nothing more. The output is well-formed XML apart from the doctype,
 which keeps it easy to check and to post-process.
 
 After a rollback the trainer logs earlier steps again; each line is drawn as segments

@@ -44,9 +44,8 @@ from typing import Any
 import numpy as np
 
 from contracts.events import HealthAlert, TrainingMetrics
-
-from .config import ALERT_KINDS
-from .monitor import HealthMonitor
+from services.health_monitor.config import ALERT_KINDS
+from services.health_monitor.monitor import HealthMonitor
 
 DOMAINS = ("web", "code", "books")
 FP16_ONLY = ("loss_scale_collapse",)

@@ -1,0 +1,1 @@
+"""The `helox` commands, one module per area; `helox/cli.py` registers them."""

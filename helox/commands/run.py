@@ -1,0 +1,200 @@
+"""`helox run`: the main job. Publish RunRequested, follow the run to its end, summarise."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import unquote, urlparse
+
+import redis
+import typer
+from rich.table import Table
+
+from contracts import (
+    TOPICS,
+    DataPrepProgress,
+    DatasetReady,
+    Envelope,
+    EvaluationCompleted,
+    ModelReady,
+    RunFailed,
+    RunRequested,
+    TrainingCompleted,
+    TrainingMetrics,
+    topic_for,
+)
+from contracts.codec import envelope
+from shared.bus.wire import encode_entry
+from shared.config import HeloxSettings
+
+from .. import common
+from ..common import CLI_PRODUCER, console, err
+from ..events import describe, follow
+from ..runconfig import RunConfig
+from ..stack import LocalStack, find_running_stack
+
+TERMINAL_FOR_STAGE = {
+    "data": DatasetReady,
+    "train": TrainingCompleted,
+    "eval": EvaluationCompleted,
+    "export": ModelReady,
+}
+
+# Which consumer group must exist on which topic for a stage to run.
+STAGE_CONSUMERS = {
+    "data": ("runs.requested", "data-prep"),
+    "train": ("data.dataset-ready", "trainer"),
+    "eval": ("train.checkpoint-saved", "evaluator"),
+    "export": ("eval.completed", "exporter"),
+}
+
+SAMPLE_PROMPT = "def "
+
+
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")] = Path("configs/demo.yaml"),
+    evaluators: Annotated[int, typer.Option(min=1, max=32)] = 1,
+    keep_stack: Annotated[bool, typer.Option(help="Leave a stack started for this run running.")] = False,
+) -> None:
+    """Run the pipeline on CONFIG: use a running stack or start one, follow the run, summarise."""
+    cfg, settings = common.load_run(config)
+
+    stack: LocalStack | None = None
+    common.stop_on_signals()
+    url = settings.redis_url or find_running_stack(settings)
+    if url is None:
+        stack = LocalStack(settings, evaluators=evaluators, config_path=config)
+        stack.start()
+        url = stack.redis_url
+        console.print(f"started a local stack (embedded redis at {url}); logs in {stack.log_dir}")
+    else:
+        console.print(f"using the stack at {url.split('@')[-1]}")
+    assert url
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+    code = 1
+    try:
+        code = _run_and_follow(client, settings, cfg, run_id, stack)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]")
+        code = 130
+    finally:
+        if stack and not keep_stack:
+            console.print("stopping the local stack…")
+            stack.stop()
+    raise typer.Exit(code)
+
+
+def _missing_consumers(client: redis.Redis, prefix: str, stages: list[str], wait_s: float = 30.0) -> list[str]:
+    """Stages whose service has no consumer group yet (waiting a while for services to start)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = []
+        for stage in stages:
+            key, group = STAGE_CONSUMERS[stage]
+            try:
+                groups = {g["name"].decode() for g in client.xinfo_groups(TOPICS[key].stream(prefix))}
+            except redis.ResponseError:
+                groups = set()
+            if group not in groups:
+                missing.append(f"{stage} (no '{group}' consumer group on {key})")
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.5)
+
+
+def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig, run_id: str,
+                    stack: LocalStack | None) -> int:
+    prefix = settings.topic_prefix
+    missing = _missing_consumers(client, prefix, cfg.stages, settings.startup_wait_s)
+    if missing:
+        err.print("[red]error:[/red] nothing handles these stages yet: " + "; ".join(missing), soft_wrap=True)
+        err.print("start the services (`helox up`) or drop those stages from the config's `stages:`")
+        return 1
+    lifecycle = [t.stream(prefix) for k, t in TOPICS.items() if k not in ("services.heartbeat",)]
+    terminal = TERMINAL_FOR_STAGE[cfg.stages[-1]]
+    follower = follow(client, lifecycle, start="$")
+    next(follower)  # pin the start position before publishing
+    request = envelope(
+        RunRequested(name=cfg.name, stages=cfg.stages, config=cfg.pipeline_config(), config_hash=cfg.config_hash()),
+        producer=CLI_PRODUCER,
+        run_id=run_id,
+    )
+    client.xadd(topic_for(RunRequested).stream(prefix), encode_entry(request))
+    console.print(f"run [bold]{run_id}[/bold] requested: stages {', '.join(cfg.stages)}")
+    started = time.monotonic()
+    seen: dict[str, Envelope[Any]] = {}
+    last_metric_print = 0.0
+    for _stream, _entry_id, env, _fields in follower:
+        elapsed = time.monotonic() - started
+        if stack:
+            for line in stack.supervise_once():
+                console.print(f"[yellow]{line}[/yellow]")
+        if elapsed > cfg.timeout_s:
+            err.print(f"[red]timed out after {cfg.timeout_s:.0f}s[/red]; last events: {list(seen)}")
+            return 1
+        if env is None or env.run_id != run_id:
+            continue
+        seen[env.type] = env
+        p = env.payload
+        if isinstance(p, TrainingMetrics) and time.monotonic() - last_metric_print < 2 and not p.val_loss:
+            continue
+        if isinstance(p, TrainingMetrics):
+            last_metric_print = time.monotonic()
+        if isinstance(p, DataPrepProgress) and p.fraction not in (0.0, 1.0):
+            continue
+        console.print(f"[dim]{elapsed:6.1f}s[/dim] {env.producer.service:<14} {describe(env)}", highlight=False)
+        if isinstance(p, RunFailed):
+            _summary(seen, run_id, ok=False)
+            return 1
+        if isinstance(p, terminal) and (not isinstance(p, EvaluationCompleted) or p.is_final):
+            _summary(seen, run_id, ok=True)
+            if isinstance(p, ModelReady):
+                _show_model(p, settings)
+                ckpt = seen.get("CheckpointSaved")
+                if ckpt is not None:
+                    lag = (env.occurred_at - ckpt.occurred_at).total_seconds()
+                    console.print(f"  final checkpoint saved -> model-ready: {lag:.1f}s; whole run: {elapsed:.0f}s")
+            return 0
+    return 1
+
+
+def _summary(seen: dict[str, Envelope[Any]], run_id: str, *, ok: bool) -> None:
+    table = Table(title=f"run {run_id}: {'[green]succeeded[/green]' if ok else '[red]failed[/red]'}")
+    table.add_column("stage")
+    table.add_column("result")
+    for name, env in seen.items():
+        if name in ("TrainingMetrics", "DataPrepProgress"):
+            continue
+        table.add_row(name, describe(env))
+    console.print(table)
+
+
+def export_dir_of(ready: ModelReady) -> Path:
+    """The local export directory of a ModelReady event (its manifest's directory)."""
+    parsed = urlparse(ready.manifest.uri)
+    if parsed.scheme != "file":
+        raise ValueError(f"the export manifest {ready.manifest.uri!r} is not a local file")
+    return Path(unquote(parsed.path)).parent
+
+
+def _show_model(ready: ModelReady, settings: HeloxSettings) -> None:
+    """Where the exports are, the headline metrics, and a sample from the exported model
+    (verified first, then loaded into PyTorch: see helox/sample.py)."""
+    console.print(f"[bold]model {ready.model_id}[/bold]: manifest {ready.manifest.uri}", highlight=False)
+    for name, ref in sorted(ready.formats.items()):
+        console.print(f"  {name:<10} {ref.uri.removeprefix('file://')} ({ref.size_bytes / 1e6:.1f} MB)", highlight=False)
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in ready.metrics.items())
+    console.print(f"  metrics: {metrics}", highlight=False)
+    try:
+        from ..sample import sample_export
+
+        text = sample_export(export_dir_of(ready), common.signing_key(settings), SAMPLE_PROMPT)
+    except Exception as exc:  # the run succeeded; a sample is a courtesy
+        err.print(f"[yellow]could not sample from the export: {exc}[/yellow]", soft_wrap=True)
+        return
+    sample = re.sub(r"\n{3,}", "\n\n", text)
+    console.print(f"  sample ({SAMPLE_PROMPT!r} ->):\n{SAMPLE_PROMPT}{sample}", highlight=False)

@@ -1,0 +1,80 @@
+"""`helox up` and `helox status`: the local stack and what runs on Synapse."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from shared.bus import admin
+
+from .. import common
+from ..common import console
+from ..stack import SERVICES, LocalStack
+
+
+def up(
+    evaluators: Annotated[int, typer.Option(min=1, max=32, help="Evaluator instances (one consumer group).")] = 1,
+    services: Annotated[str, typer.Option(help="Comma-separated services to start.")] = ",".join(SERVICES),
+    config: Annotated[Path | None, typer.Option(help="YAML file with a `settings:` section.")] = None,
+) -> None:
+    """Start Redis (embedded unless HELOX_REDIS_URL is set) and the services; Ctrl-C stops all."""
+    settings = common.settings(config)
+    stack = LocalStack(settings, evaluators=evaluators, config_path=config,
+                       services=[s.strip() for s in services.split(",") if s.strip()])
+    common.stop_on_signals()
+    stack.start()
+    console.print(f"[green]stack up[/green]: redis {stack.redis_url}; logs in {stack.log_dir}")
+    for slot in stack.slots:
+        console.print(f"  {slot.instance:<20} pid {slot.proc.pid if slot.proc else '-'}")
+    try:
+        while True:
+            for line in stack.supervise_once():
+                console.print(f"[yellow]{line}[/yellow]")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        stack.stop()
+        console.print("[green]stack stopped[/green]")
+
+
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Live instances (from heartbeats), stream lengths, pending per group, dead letters."""
+    settings = common.settings()
+    client = common.client(settings)
+    instances = admin.live_instances(client, settings.topic_prefix)
+    streams = admin.stream_states(client, settings.topic_prefix)
+    dlq_len = next(s.length for s in streams if s.topic == "dlq")
+    if as_json:
+        print(json.dumps({
+            "instances": [i.__dict__ for i in instances],
+            "streams": [{**s.__dict__, "groups": [g.__dict__ for g in s.groups]} for s in streams],
+            "dead_letters": dlq_len,
+        }, default=str))
+        return
+    table = Table(title="Instances")
+    for col in ("service", "instance", "status", "work", "last beat", "host/pid"):
+        table.add_column(col)
+    for i in instances:
+        colour = "green" if i.alive else "red"
+        table.add_row(i.service, i.instance, f"[{colour}]{i.status if i.alive else 'dead'}[/{colour}]",
+                      i.current_work or "", f"{i.age_s:.1f}s", f"{i.host}/{i.pid}")
+    console.print(table)
+    st = Table(title="Streams")
+    for col in ("topic", "length", "retention", "group", "consumers", "pending", "lag"):
+        st.add_column(col)
+    for s in streams:
+        if not s.groups:
+            st.add_row(s.topic, str(s.length), s.retention, "", "", "", "")
+        for g in s.groups:
+            st.add_row(s.topic, str(s.length), s.retention, g.name, str(g.consumers), str(g.pending),
+                       "" if g.lag is None else str(g.lag))
+    console.print(st)
+    console.print(f"dead letters: [{'red' if dlq_len else 'green'}]{dlq_len}[/]")

@@ -1,0 +1,95 @@
+"""What every `helox` command shares: the consoles, settings, the Redis client, dataset lookup."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+from rich.console import Console
+
+from contracts import Producer
+from shared.config import HeloxSettings, load_settings
+from shared.redis_server import RedisServer
+
+from .errors import CliError
+from .runconfig import RunConfig, load_run_config
+from .stack import find_running_stack, local_signing_key
+
+console = Console()
+err = Console(stderr=True)
+CLI_PRODUCER = Producer(service="cli", instance=f"cli-{os.getpid()}")
+
+
+def settings(config: Path | None = None) -> HeloxSettings:
+    """The deployment settings (HELOX_* environment, plus a config file's `settings:`)."""
+    return load_settings(config)
+
+
+def load_run(config: Path) -> tuple[RunConfig, HeloxSettings]:
+    """The run config and the settings (its `settings:` section + env); ConfigError names the field."""
+    return load_run_config(config), load_settings(config)
+
+
+def _interrupt(_sig: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both stop a stack cleanly (SIGINT may be ignored when backgrounded)."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def redis_url(cfg: HeloxSettings) -> str:
+    """The configured Redis, else a running local stack's; CliError when there is neither."""
+    url = cfg.redis_url or find_running_stack(cfg)
+    if not url:
+        raise CliError("no Redis: set HELOX_REDIS_URL or start the local stack with `helox up`")
+    return url
+
+
+def client(cfg: HeloxSettings) -> redis.Redis:
+    return redis.Redis.from_url(redis_url(cfg), socket_timeout=10)
+
+
+@contextlib.contextmanager
+def reading(cfg: HeloxSettings) -> Iterator[redis.Redis]:
+    """A client for a command that only reads events: the configured Redis, a running local
+    stack's, or else the local stack's own data on disk (its embedded Redis started on that
+    data for the command's length), so that a run `helox run` finished can still be watched
+    back or reported after its stack stopped."""
+    if cfg.redis_url or find_running_stack(cfg):
+        yield client(cfg)
+        return
+    data = Path(cfg.state_dir).resolve() / "redis"
+    if not data.is_dir():
+        raise CliError("no Redis: set HELOX_REDIS_URL or start the local stack with `helox up` "
+                       f"(and no local stack data in {data})")
+    server = RedisServer(data).start()
+    try:
+        yield redis.Redis.from_url(server.url, socket_timeout=10)
+    finally:
+        server.stop()
+
+
+def manifest_path(cfg: HeloxSettings, version: str) -> Path:
+    """A dataset's manifest: VERSION as a path (directory or manifest file), else a version in the store."""
+    from shared.artifacts import ArtifactStore
+
+    candidate = Path(version)
+    if candidate.exists():
+        return candidate / "manifest.json" if candidate.is_dir() else candidate
+    path = ArtifactStore(cfg.artifacts).path("datasets", version, "manifest.json")
+    if not path.exists():
+        raise CliError(f"no dataset {version!r} in {cfg.artifacts} (looked for {path})")
+    return path
+
+
+def signing_key(cfg: HeloxSettings) -> str:
+    """HELOX_SIGNING_KEY, else the local stack's development key."""
+    return cfg.signing_key.get_secret_value() if cfg.signing_key else local_signing_key(cfg.state_dir)
