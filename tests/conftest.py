@@ -13,7 +13,6 @@ from shared.config import HeloxSettings
 from shared.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture

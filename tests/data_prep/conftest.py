@@ -1,4 +1,8 @@
-"""Fixtures of the data-prep tests: tiny corpora written to tmp dirs, tinyshakespeare, a store."""
+"""Fixtures of the data-prep tests: tiny corpora written to tmp dirs, Shakespeare prose, a store.
+
+The prose comes from tests/data/tinyshakespeare_excerpt.txt (see tests/data/README.md): the
+suite needs nothing outside the repository.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +22,14 @@ from shared.data.config import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = REPO / "tests" / "data" / "tinyshakespeare_excerpt.txt"
 
 
 def shakespeare_paragraphs(n: int | None = None) -> list[str]:
-    """Paragraphs of tinyshakespeare (speaker blocks), longer than 200 characters."""
-    assert SHAKESPEARE.is_file(), f"tinyshakespeare not found at {SHAKESPEARE}"
-    paras = [p for p in SHAKESPEARE.read_text("utf-8").split("\n\n") if len(p) > 200]
+    """The first n paragraphs (speaker blocks) of tinyshakespeare longer than 200 characters (400 at most)."""
+    paras = [p for p in SHAKESPEARE.read_text("utf-8").rstrip("\n").split("\n\n") if len(p) > 200]
+    if n is not None and n > len(paras):
+        raise ValueError(f"{SHAKESPEARE.name} holds {len(paras)} paragraphs over 200 characters, {n} were asked for")
     return paras[:n] if n is not None else paras
 
 

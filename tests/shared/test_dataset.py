@@ -31,8 +31,7 @@ from shared.data.dataset import (
     validation_batches,
 )
 from shared.data.manifest import ShardCorruptError, load_manifest
-
-SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+from tests.data_prep.conftest import shakespeare_paragraphs
 
 
 def _code(i: int) -> str:
@@ -50,7 +49,7 @@ def manifest_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("dataset")
     (base / "corpus" / "prose").mkdir(parents=True)
     (base / "corpus" / "code").mkdir(parents=True)
-    paras = [p for p in SHAKESPEARE.read_text("utf-8").split("\n\n") if len(p) > 200][:120]
+    paras = shakespeare_paragraphs(120)
     for i, p in enumerate(paras):
         (base / "corpus" / "prose" / f"{i:04d}.txt").write_text(p)
     for i in range(50):
