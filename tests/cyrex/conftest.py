@@ -4,8 +4,10 @@ the exporter's own functions inside an artifact store."""
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,19 +40,29 @@ class Export:
     checkpoint_digest: str
 
 
+def _installed() -> bool:
+    """node_modules is complete (npm writes its hidden lock file last) and not older than the lock."""
+    done = NODE_DIR / "node_modules" / ".package-lock.json"
+    return done.is_file() and done.stat().st_mtime >= (NODE_DIR / "package-lock.json").stat().st_mtime
+
+
 @pytest.fixture(scope="session")
 def node() -> str:
-    """The `node` binary, with cyrex_example/node/node_modules installed by `npm ci` once."""
+    """The `node` binary, with cyrex_example/node/node_modules installed by `npm ci` (once)."""
     binary = shutil.which("node")
     if binary is None:
         pytest.skip("node is not on PATH: the Node.js Cyrex consumer tests need Node.js 20+")
-    if not (NODE_DIR / "node_modules").is_dir():
+    if not _installed():
         npm = shutil.which("npm")
         if npm is None:
             pytest.skip("npm is not on PATH: cannot install cyrex_example/node's dependencies")
-        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, f"npm ci failed in {NODE_DIR}:\n{proc.stdout}\n{proc.stderr}"
+        # One `npm ci` at a time: two test sessions may start together.
+        with open(Path(tempfile.gettempdir()) / "helox-cyrex-node-npm-ci.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _installed():
+                proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True,
+                                      text=True, timeout=600)
+                assert proc.returncode == 0, f"npm ci failed in {NODE_DIR}:\n{proc.stdout}\n{proc.stderr}"
     return binary
 
 
