@@ -92,9 +92,15 @@ def train(
                       f"lr {metrics.get('lr', 0):.2e} tok/s {metrics.get('tokens_per_s', 0):.0f}", highlight=False)
 
     trainer = build_trainer(tcfg, manifest_path, run_dir, run_id=cfg.name, callbacks=[FunctionEmitter(show)])
+    # Ctrl-C / SIGTERM stop at the next step with a final checkpoint; the handlers are the run's only.
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: trainer.request_stop("interrupted"))
-    result = trainer.fit(resume)
+    try:
+        result = trainer.fit(resume)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     console.print(f"[{'green' if result.status == 'completed' else 'yellow'}]{result.status}[/]: step "
                   f"{result.final_step}, loss {result.final_loss}, best val {result.best_val_loss}, "
                   f"last checkpoint {result.last_checkpoint}", highlight=False)
