@@ -381,7 +381,7 @@ def _build(
         for n, sig in enumerate(pool.imap(signatures_task, tasks), start=1):
             parts.append(sig)
             report_progress("near_dedup", 0.9 * n / len(tasks))
-        near = lsh_near_duplicates(np.concatenate(parts), mh.threshold)
+        near = lsh_near_duplicates(np.concatenate(parts), mh.threshold, texts, mh.ngram)
         kept = [d for d, k in zip(docs, near.keep, strict=True) if k]
         reports.append(_report(
             "near_dedup", docs, kept, t0, bands=near.bands, rows=near.rows,

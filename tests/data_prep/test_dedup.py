@@ -9,13 +9,18 @@ import pytest
 
 from services.data_prep.dedup import (
     EMPTY,
+    candidate_probability,
     exact_dedup,
     lsh_near_duplicates,
     lsh_params,
     minhash_signatures,
+    set_jaccard,
     shingle_hashes,
+    shingle_set,
 )
 from services.data_prep.ingest import Document
+
+from .planted import band_counts, exact_jaccard, planted_near_duplicates
 
 VOCAB = [f"w{i}" for i in range(5_000)]
 
@@ -59,7 +64,7 @@ def test_planted_near_duplicates_found_with_high_precision_and_recall() -> None:
     assert all(jaccard(texts[o], texts[c]) >= 0.85 for o, c in truth_pairs)
 
     sigs = minhash_signatures(texts, ngram=5, num_perm=128, seed=1)
-    result = lsh_near_duplicates(sigs, threshold=0.8)
+    result = lsh_near_duplicates(sigs, 0.8, texts, ngram=5)
     found = set(result.pairs)
     precision = len(found & truth_pairs) / max(len(found), 1)
     recall = len(found & truth_pairs) / len(truth_pairs)
@@ -76,7 +81,7 @@ def test_dissimilar_documents_are_not_paired() -> None:
     other = base[:150] + random_doc(rng, 150)
     texts = [" ".join(base), " ".join(other)]
     assert jaccard(*texts) < 0.6
-    result = lsh_near_duplicates(minhash_signatures(texts), threshold=0.8)
+    result = lsh_near_duplicates(minhash_signatures(texts), 0.8, texts)
     assert result.keep.all() and result.pairs == []
 
 
@@ -102,9 +107,10 @@ def test_signatures_are_deterministic_and_whitespace_insensitive() -> None:
 def test_short_and_empty_texts() -> None:
     assert shingle_hashes("", 5).size == 0
     assert shingle_hashes("just three words", 5).size == 1
-    sigs = minhash_signatures(["", "   \n", "just three words"])
+    texts = ["", "   \n", "just three words"]
+    sigs = minhash_signatures(texts)
     assert (sigs[:2] == EMPTY).all() and not (sigs[2] == EMPTY).all()
-    result = lsh_near_duplicates(sigs, 0.8)
+    result = lsh_near_duplicates(sigs, 0.8, texts)
     assert result.keep.all()  # empty documents are never paired with each other
 
 
@@ -118,9 +124,11 @@ def test_long_document_spanning_many_chunks() -> None:
 
 def test_lsh_params_favour_recall_at_the_threshold() -> None:
     bands, rows = lsh_params(0.8, 128)
-    assert bands * rows <= 128 and bands > 1 and rows > 1
-    assert 1 - (1 - 0.8**rows) ** bands >= 0.98
-    assert 1 - (1 - 0.3**rows) ** bands < 0.01  # unrelated documents rarely become candidates
+    assert (bands, rows) == (21, 6)  # 18 x 7 proposes only 98.6% of the pairs at exactly 0.8
+    assert candidate_probability(0.8, bands, rows) >= 0.995
+    assert 1 - (1 - 0.8**rows) ** bands == pytest.approx(0.998312, abs=1e-6)  # by hand: 1 - (1 - 0.262144)^21
+    assert candidate_probability(0.3, bands, rows) < 0.02  # unrelated documents rarely become candidates
+    assert lsh_params(0.8, 128, min_recall=0.98) == (18, 7)
 
 
 def test_exact_dedup_keeps_first_occurrence() -> None:
@@ -135,3 +143,43 @@ def test_exact_dedup_keeps_first_occurrence() -> None:
 def test_signature_shape_and_dtype(num_perm: int) -> None:
     sigs = minhash_signatures(["a b c d e f g"] * 3, num_perm=num_perm)
     assert sigs.shape == (3, num_perm) and sigs.dtype == np.uint32
+
+
+def test_decisions_near_the_threshold_rest_on_the_exact_jaccard() -> None:
+    """Planted pairs within +-0.03 of the threshold: the 128-permutation estimate (sd ~0.035)
+    decided them with precision ~0.69 and recall ~0.65; exact verification decides them all."""
+    planted = planted_near_duplicates(n_pairs=240, threshold=0.8, band=0.03, n_background=150, seed=1)
+    counts = band_counts(planted)
+    assert counts["below"] >= 90 and counts["at_or_above"] >= 90, counts
+    assert all(abs(p.jaccard - 0.8) <= 0.03 for p in planted.pairs)
+    sigs = minhash_signatures(planted.texts, ngram=5, num_perm=128, seed=1)
+    result = lsh_near_duplicates(sigs, 0.8, planted.texts, ngram=5)
+    removed = set(np.flatnonzero(~result.keep).tolist())
+    precision, recall, tp, fp, positives = planted.score(removed, result.duplicate_of)
+    assert precision >= 0.98 and recall >= 0.98, (precision, recall, tp, fp, positives)
+    by_variant = {p.variant: p for p in planted.pairs}
+    for j, sim in result.similarity_to_kept.items():  # the reported similarity is the exact one
+        assert sim == pytest.approx(by_variant[j].jaccard, abs=1e-12)
+    # The estimate alone gets the same pairs wrong in both directions.
+    est = lsh_near_duplicates(sigs, 0.8, verify="estimate")
+    est_p, est_r, *_ = planted.score(set(np.flatnonzero(~est.keep).tolist()), est.duplicate_of)
+    assert est_p < 0.9 and est_r < 0.9, (est_p, est_r)
+    assert result.estimate_disagreed > 0
+
+
+def test_set_jaccard_matches_python_sets() -> None:
+    rng = random.Random(2)
+    a, b = random_doc(rng, 80), random_doc(rng, 10)
+    texts = [" ".join(a), " ".join(a[:50] + b + a[50:]), " ".join(a[:3])]
+    for x in texts:
+        for y in texts:
+            assert set_jaccard(shingle_set(x, 5), shingle_set(y, 5)) == pytest.approx(exact_jaccard(x, y), abs=1e-12)
+    # by hand: 76 shingles; inserting 10 words in the middle breaks 4 and adds 14: 72 / (76 + 14)
+    assert exact_jaccard(texts[0], texts[1]) == pytest.approx(72 / 90)
+    assert set_jaccard(np.array([], dtype=np.uint64), np.array([1], dtype=np.uint64)) == 0.0
+
+
+def test_exact_verification_needs_the_texts() -> None:
+    sigs = minhash_signatures(["a b c d e f"])
+    with pytest.raises(ValueError, match="texts"):
+        lsh_near_duplicates(sigs, 0.8)
