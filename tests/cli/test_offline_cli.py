@@ -196,3 +196,27 @@ def test_an_unexpected_exception_keeps_its_traceback(ws, monkeypatch) -> None:
     monkeypatch.setattr(helox.common, "manifest_path", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["data", "inspect", ws.version])
+
+
+def test_the_run_sample_comes_from_the_verified_export_and_a_tampered_one_is_refused(ws, capsys) -> None:
+    import sentencepiece as spm
+
+    from helox import common
+    from helox.sample import SampleError, sample_export
+
+    res = helox(capsys, "export", ws.checkpoint, "--out", ws.root / "exports-sample", "--format", "native")
+    assert res.code == 0, res.out + res.err
+    (export,) = [p for p in (ws.root / "exports-sample").iterdir() if p.is_dir()]
+    key = common.signing_key(common.settings())
+    text = sample_export(export, key, "def ", max_new_tokens=8)
+    assert text == sample_export(export, key, "def ", max_new_tokens=8)  # greedy: the same every time
+    sp = spm.SentencePieceProcessor(model_file=str(export / "native" / "tokenizer.model"))
+    assert len(sp.encode(text)) <= 8
+    with pytest.raises(SampleError, match="signature"):
+        sample_export(export, "not-the-key", "def ")
+    weights = export / "native" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(SampleError, match="digests"):
+        sample_export(export, key, "def ")
