@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 from rich.console import Console
+from rich.markup import escape
 
 from contracts import Producer
 from shared.config import HeloxSettings, load_settings
@@ -23,6 +24,11 @@ from .stack import find_running_stack, local_signing_key
 console = Console()
 err = Console(stderr=True)
 CLI_PRODUCER = Producer(service="cli", instance=f"cli-{os.getpid()}")
+
+
+def notice(text: str) -> None:
+    """A line for the person watching, on stderr: stdout stays the command's output (JSON lines)."""
+    err.print(f"[yellow]{escape(text)}[/yellow]", soft_wrap=True, highlight=False)
 
 
 def settings(config: Path | None = None) -> HeloxSettings:

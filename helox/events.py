@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -25,19 +26,55 @@ from contracts import (
 )
 from shared.bus import admin
 
+# Back-off between reconnection attempts while Redis is away (a restart takes seconds).
+RECONNECT_FIRST_S = 0.2
+RECONNECT_MAX_S = 3.0
+_LOST = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def _say(notice: Callable[[str], None] | None, text: str) -> None:
+    if notice is not None:
+        notice(text)
+
 
 def follow(
-    client: redis.Redis, streams: list[str], *, start: str = "$", block_ms: int = 500
+    client: redis.Redis,
+    streams: list[str],
+    *,
+    start: str = "$",
+    block_ms: int = 500,
+    notice: Callable[[str], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[tuple[str, str, Envelope[Any] | None, dict[bytes, bytes]]]:
     """Yield (stream, entry id, envelope or None, fields) as events arrive, forever; an idle
-    read yields ("", "", None, {}) so that a caller can check its clock."""
+    read yields ("", "", None, {}) so that a caller can check its clock.
+
+    When Redis goes away (a restart, a failover) this reconnects with back-off and reads on
+    from the last entry id seen on each stream, so that nothing written meanwhile is missed
+    or repeated; `notice` hears about the loss and the recovery. Idle ticks keep coming
+    while Redis is away.
+    """
     last = {s: start for s in streams}
-    if start == "$":
-        for s in streams:  # pin "now" so nothing between reads is missed
-            rows = client.xrevrange(s, count=1)
-            last[s] = rows[0][0].decode() if rows else "0-0"
+    lost_at: float | None = None
+    wait = RECONNECT_FIRST_S
     while True:
-        got = client.xread(last, block=block_ms, count=500)
+        try:
+            for s in [s for s, v in last.items() if v == "$"]:  # pin "now": nothing between reads is missed
+                rows = client.xrevrange(s, count=1)
+                last[s] = rows[0][0].decode() if rows else "0-0"
+            got = client.xread(last, block=block_ms, count=500)
+        except _LOST as exc:
+            if lost_at is None:
+                lost_at = time.monotonic()
+                _say(notice, f"lost Redis ({type(exc).__name__}: {exc}); reconnecting…")
+            yield "", "", None, {}
+            sleep(wait)
+            wait = min(wait * 2, RECONNECT_MAX_S)
+            continue
+        if lost_at is not None:
+            _say(notice, f"reconnected to Redis after {time.monotonic() - lost_at:.1f}s; "
+                         "reading on from the last event seen")
+            lost_at, wait = None, RECONNECT_FIRST_S
         if not got:
             yield "", "", None, {}
             continue

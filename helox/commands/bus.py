@@ -41,7 +41,8 @@ def events_tail(
     seen = 0
     deadline = time.monotonic() + timeout if timeout else None
     with contextlib.suppress(KeyboardInterrupt):
-        for stream, entry_id, env, _fields in follow(client, streams, start="0-0" if from_start else "$"):
+        for stream, entry_id, env, _fields in follow(client, streams, start="0-0" if from_start else "$",
+                                                        notice=common.notice):
             if deadline and time.monotonic() > deadline:
                 break
             if not stream:

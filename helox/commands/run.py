@@ -116,7 +116,7 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig
         return 1
     lifecycle = [t.stream(prefix) for k, t in TOPICS.items() if k not in ("services.heartbeat",)]
     terminal = TERMINAL_FOR_STAGE[cfg.stages[-1]]
-    follower = follow(client, lifecycle, start="$")
+    follower = follow(client, lifecycle, start="$", notice=common.notice)
     next(follower)  # pin the start position before publishing
     request = envelope(
         RunRequested(name=cfg.name, stages=cfg.stages, config=cfg.pipeline_config(), config_hash=cfg.config_hash()),
