@@ -14,6 +14,7 @@ from shared.bus import admin
 
 from .. import common
 from ..common import console
+from ..pending import over_delivered
 from ..stack import SERVICES, LocalStack
 
 
@@ -52,11 +53,14 @@ def status(
     instances = admin.live_instances(client, settings.topic_prefix)
     streams = admin.stream_states(client, settings.topic_prefix)
     dlq_len = next(s.length for s in streams if s.topic == "dlq")
+    stuck = over_delivered(client, streams, settings.max_deliveries)
     if as_json:
         print(json.dumps({
             "instances": [i.__dict__ for i in instances],
             "streams": [{**s.__dict__, "groups": [g.__dict__ for g in s.groups]} for s in streams],
             "dead_letters": dlq_len,
+            "max_deliveries": settings.max_deliveries,
+            "over_delivered": [e.__dict__ for e in stuck],
         }, default=str))
         return
     table = Table(title="Instances")
@@ -78,3 +82,11 @@ def status(
                        "" if g.lag is None else str(g.lag))
     console.print(st)
     console.print(f"dead letters: [{'red' if dlq_len else 'green'}]{dlq_len}[/]")
+    if stuck:
+        over = Table(title=f"[red]Delivered more than max_deliveries={settings.max_deliveries} times[/red]")
+        for col in ("topic", "group", "entry", "consumer", "deliveries", "idle"):
+            over.add_column(col)
+        for e in stuck:
+            over.add_row(e.topic, e.group, e.entry_id, e.consumer, str(e.deliveries), f"{e.idle_ms / 1000:.1f}s")
+        console.print(over)
+    console.print(f"over-delivered entries: [{'red' if stuck else 'green'}]{len(stuck)}[/]")
