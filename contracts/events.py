@@ -25,7 +25,7 @@ class RunRequested(Event):
     """Somebody (the CLI, an API) asks for a run: data prep, then the requested stages."""
 
     EVENT_TYPE = "RunRequested"
-    SCHEMA_VERSION = "1.0"
+    SCHEMA_VERSION = "1.1"
 
     name: str = Field(description="Human-readable run name.")
     stages: list[Literal["data", "train", "eval", "export"]] = Field(
@@ -33,11 +33,17 @@ class RunRequested(Event):
         description="Pipeline stages this run asks for, in order.",
     )
     config: dict[str, Any] = Field(
-        description="The resolved run configuration (shared.config.RunConfig as JSON); "
+        description="The resolved run configuration (helox.runconfig.RunConfig as JSON), inline; "
         "each service validates the section it owns."
     )
     config_hash: str = Field(description="SHA-256 of the canonical JSON of `config`.")
     requested_by: str = Field(default="cli", description="Who asked: user@host or a service name.")
+    run_config: ArtifactRef | None = Field(
+        default=None,
+        description="The validated run configuration written to the artifact store "
+        "(runs/<run_id>/config.json, canonical JSON: its SHA-256 is `config_hash`). "
+        "Absent: data-prep validates `config` and writes that file itself.",
+    )
 
 
 class RunFailed(Event):
@@ -70,7 +76,7 @@ class DatasetReady(Event):
     """A versioned, deduplicated, tokenized dataset is in the artifact store."""
 
     EVENT_TYPE = "DatasetReady"
-    SCHEMA_VERSION = "1.0"
+    SCHEMA_VERSION = "1.1"
 
     dataset_version: str = Field(description="Content-derived version id of the dataset.")
     manifest: ArtifactRef = Field(description="The dataset manifest (JSON).")
@@ -81,6 +87,11 @@ class DatasetReady(Event):
     documents: int = Field(ge=0, description="Documents kept after filtering and deduplication.")
     reused: bool = Field(default=False, description="True when an identical version already existed.")
     parent_version: str | None = Field(default=None, description="Version this one derives from (lineage).")
+    run_config: ArtifactRef | None = Field(
+        default=None,
+        description="The run's configuration file in the artifact store (runs/<run_id>/config.json): "
+        "the trainer reads its `train` section from it.",
+    )
 
 
 # --- training -------------------------------------------------------------------------
@@ -90,7 +101,7 @@ class TrainingStarted(Event):
     """The trainer started (or resumed) a run."""
 
     EVENT_TYPE = "TrainingStarted"
-    SCHEMA_VERSION = "1.0"
+    SCHEMA_VERSION = "1.1"
 
     dataset_version: str = Field(description="Dataset being trained on.")
     model_preset: str = Field(description="Model preset name, e.g. 'tiny' or '125m'.")
@@ -101,6 +112,11 @@ class TrainingStarted(Event):
     precision: Literal["fp32", "bf16", "fp16"] = Field(description="Compute precision.")
     resumed_from_step: int | None = Field(default=None, description="Step resumed from, if any.")
     instance: str = Field(default="", description="Trainer instance running the job.")
+    run_config: ArtifactRef | None = Field(
+        default=None,
+        description="The run's configuration file in the artifact store (runs/<run_id>/config.json): "
+        "the health monitor reads the run's `health` thresholds from it.",
+    )
 
 
 class TrainingMetrics(Event):
@@ -131,7 +147,7 @@ class CheckpointSaved(Event):
     """A checkpoint is durable in the artifact store."""
 
     EVENT_TYPE = "CheckpointSaved"
-    SCHEMA_VERSION = "1.0"
+    SCHEMA_VERSION = "1.1"
 
     step: int = Field(ge=0, description="Step the checkpoint captures.")
     tokens_seen: int = Field(ge=0, description="Tokens consumed at that step.")
@@ -144,6 +160,11 @@ class CheckpointSaved(Event):
         default="interval", description="Why it was written."
     )
     is_final: bool = Field(default=False, description="True for the checkpoint that ends the run.")
+    run_config: ArtifactRef | None = Field(
+        default=None,
+        description="The run's configuration file in the artifact store (runs/<run_id>/config.json): "
+        "the evaluator reads its `eval` section from it.",
+    )
 
 
 class TrainerAction(Event):
@@ -166,7 +187,7 @@ class TrainingCompleted(Event):
     """Training finished normally."""
 
     EVENT_TYPE = "TrainingCompleted"
-    SCHEMA_VERSION = "1.0"
+    SCHEMA_VERSION = "1.1"
 
     final_step: int = Field(ge=0, description="Last optimizer step.")
     tokens_seen: int = Field(ge=0, description="Training tokens consumed.")
@@ -178,6 +199,11 @@ class TrainingCompleted(Event):
     wall_time_s: float = Field(ge=0, description="Wall-clock training time.")
     rollbacks: int = Field(default=0, ge=0, description="Rollbacks performed.")
     skipped_steps: int = Field(default=0, ge=0, description="Non-finite steps skipped.")
+    run_config: ArtifactRef | None = Field(
+        default=None,
+        description="The run's configuration file in the artifact store (runs/<run_id>/config.json): "
+        "the exporter reads its `export` section from it.",
+    )
 
 
 class TrainerCommand(Event):
@@ -255,7 +281,7 @@ class EvaluationCompleted(Event):
     """A checkpoint has been judged."""
 
     EVENT_TYPE = "EvaluationCompleted"
-    SCHEMA_VERSION = "1.0"
+    SCHEMA_VERSION = "1.1"
 
     checkpoint: ArtifactRef = Field(description="The checkpoint evaluated.")
     checkpoint_digest: str = Field(description="Its digest (the idempotency key).")
@@ -271,6 +297,11 @@ class EvaluationCompleted(Event):
     error: str | None = Field(default=None, description="Why evaluation failed, for verdict=error.")
     evaluator: str = Field(default="", description="Instance that evaluated it.")
     is_final: bool = Field(default=False, description="True when the checkpoint is the run's final one.")
+    run_config: ArtifactRef | None = Field(
+        default=None,
+        description="The run's configuration file in the artifact store (runs/<run_id>/config.json): "
+        "the exporter reads its `export` section from it.",
+    )
 
 
 # --- export ---------------------------------------------------------------------------

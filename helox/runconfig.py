@@ -2,20 +2,22 @@
 
 Top-level keys: `name`, `stages`, `timeout_s`, `settings` (deployment settings, see
 shared.config.HeloxSettings) and one section per stage owner (`corpus`, `data`, `train`
-(model included), `eval`, `export`). Each section is validated by the model of the code that owns
-it, at start-up, so a bad value fails before anything runs, naming the field.
+(model included), `eval`, `health`, `export`). Each section is validated by the model of the
+code that owns it, at start-up, so a bad value fails before anything runs, naming the field.
+The validated config (`pipeline_config`) is what `helox run` writes to the artifact store as
+runs/<run_id>/config.json (shared.runs.write_run_config); the services read it from there.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
 from shared.config import ConfigError, StrictModel, describe_validation_error, read_yaml
+from shared.runs import canonical_json
 
 Stage = Literal["data", "train", "eval", "export"]
 
@@ -32,15 +34,18 @@ class RunConfig(StrictModel):
     train: dict[str, Any] = Field(default_factory=dict)
     eval: dict[str, Any] = Field(default_factory=dict)
     export: dict[str, Any] = Field(default_factory=dict)
-    health: dict[str, Any] = Field(default_factory=dict, description="Health-monitor thresholds (deployment-wide).")
+    health: dict[str, Any] = Field(
+        default_factory=dict,
+        description="This run's health-monitor thresholds, over the deployment's (HELOX_CONFIG `health:`).",
+    )
 
     def pipeline_config(self) -> dict[str, Any]:
-        """What travels in RunRequested.config: everything but deployment settings."""
+        """The run's config file (runs/<run_id>/config.json): everything but deployment settings."""
         return self.model_dump(mode="json", exclude={"settings", "timeout_s"})
 
     def config_hash(self) -> str:
-        canonical = json.dumps(self.pipeline_config(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """SHA-256 of the config file's bytes (shared.runs.canonical_json)."""
+        return hashlib.sha256(canonical_json(self.pipeline_config())).hexdigest()
 
 
 def _validate_sections(cfg: RunConfig) -> None:
@@ -56,7 +61,9 @@ def _validate_sections(cfg: RunConfig) -> None:
 
     cfg.train = _section("train", TrainConfig, cfg.train)
     cfg.eval = _section("eval", EvalConfig, cfg.eval)
-    cfg.health = _section("health", HealthConfig, cfg.health)
+    # Validated, but kept as written: the monitor lays what the run sets over the deployment's
+    # thresholds, so a normalised copy (every default spelled out) would hide those.
+    _section("health", HealthConfig, cfg.health)
     try:
         from services.exporter.config import ExportConfig
     except ImportError:  # the exporter's logic is not in this build yet

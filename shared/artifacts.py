@@ -91,6 +91,20 @@ class ArtifactStore:
             raise ArtifactDigestError(f"{p}: sha256 {digest} != {ref.sha256} in its reference")
         return p
 
+    def read_verified(self, ref: ArtifactRef) -> bytes:
+        """The bytes of a (small) referenced file, checked against its size and SHA-256 as read:
+        what is returned is exactly what was verified. Raises like `open_verified`."""
+        p = self.resolve(ref.uri)
+        if not p.is_file():
+            raise FileNotFoundError(f"artifact {ref.uri} does not exist")
+        data = p.read_bytes()
+        if len(data) != ref.size_bytes:
+            raise ArtifactDigestError(f"{p}: size {len(data)} != {ref.size_bytes} in its reference")
+        digest = sha256_bytes(data)
+        if digest != ref.sha256:
+            raise ArtifactDigestError(f"{p}: sha256 {digest} != {ref.sha256} in its reference")
+        return data
+
     def atomic_write_bytes(self, path: str | os.PathLike[str], data: bytes) -> Path:
         """Write a file atomically: temp file in the same directory, fsync, rename."""
         p = self.resolve(path)

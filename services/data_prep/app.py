@@ -1,5 +1,10 @@
 """data-prep wiring: RunRequested -> the pipeline (in a worker thread) -> DatasetReady or RunFailed.
 
+data-prep is the run's first consumer: it reads the run config from the request's
+`run_config` reference (written by the requester, e.g. `helox run`), or, for a request
+without one (an outside requester), validates its own sections of the inline config and
+writes runs/<run_id>/config.json itself. Either way DatasetReady carries the reference on.
+
 A redelivered RunRequested does not redo finished work: the run's idempotency marker
 stops it, and an identical dataset version already in the store is reused by the
 pipeline without recomputation.
@@ -13,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from contracts import DataPrepProgress, DatasetReady, Envelope, RunFailed, RunRequested
+from contracts import ArtifactRef, DataPrepProgress, DatasetReady, Envelope, RunFailed, RunRequested
 from services.data_prep.ingest import CorpusError
 from services.data_prep.pipeline import PrepareResult, prepare_dataset
 from services.data_prep.semantic import SemanticDedupError
@@ -22,17 +27,25 @@ from shared.artifacts import ArtifactStore
 from shared.bus import Delivery
 from shared.data.config import data_prep_config
 from shared.logging import get_logger
+from shared.runs import (
+    RunConfigError,
+    RunConfigMissingError,
+    read_run_config,
+    request_config,
+    section,
+    write_run_config,
+)
 from shared.service import ServiceRuntime
 
 log = get_logger("helox.data_prep")
 
-USER_ERRORS = (CorpusError, TokenizerError, SemanticDedupError, ValidationError)
+USER_ERRORS = (CorpusError, TokenizerError, SemanticDedupError, ValidationError, RunConfigError)
 """Errors a retry cannot fix: the run fails at once, naming the reason."""
 
 PROGRESS_EVERY_S = 0.5
 
 
-def dataset_ready(result: PrepareResult, store: ArtifactStore) -> DatasetReady:
+def dataset_ready(result: PrepareResult, store: ArtifactStore, run_config: ArtifactRef | None = None) -> DatasetReady:
     m = result.manifest
     directory = result.manifest_path.parent
     return DatasetReady(
@@ -45,14 +58,43 @@ def dataset_ready(result: PrepareResult, store: ArtifactStore) -> DatasetReady:
         documents=sum(d.documents for d in m.domains.values()),
         reused=result.reused,
         parent_version=m.parent_version,
+        run_config=run_config,
     )
 
 
+def requested_config(store: ArtifactStore, request: RunRequested) -> tuple[dict[str, Any], ArtifactRef | None]:
+    """The run's config and its reference; None when the file is still to be written.
+
+    A reference into another store (a requester that does not share ours) is not fatal: the
+    request carries the same config inline, and the file written from it is byte-identical.
+    """
+    if request.run_config is not None:
+        try:
+            return read_run_config(store, request.run_config), request.run_config
+        except RunConfigMissingError as exc:
+            log.warning("the request's run config is not in this store: using its inline copy", error=str(exc))
+    return request_config(request), None
+
+
+def prepare_config(store: ArtifactStore, run_id: str, request: RunRequested) -> tuple[Any, ArtifactRef]:
+    """This service's sections, validated, and the run config's reference (written now when the
+    request brought none, and only once those sections are valid)."""
+    config, ref = requested_config(store, request)
+    data = data_prep_config(section(config, "corpus"), section(config, "data"))
+    if ref is None:
+        ref = write_run_config(store, run_id, config)
+    return data, ref
+
+
 async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], delivery: Delivery) -> None:
-    req = env.payload
+    req, run_id = env.payload, env.run_id
     if "data" not in req.stages:
         return
-    key = f"run:{env.run_id}"
+    if not run_id:
+        log.error("RunRequested without a run_id in its envelope: nothing downstream could follow it; ignored",
+                  event_id=str(env.event_id))
+        return
+    key = f"run:{run_id}"
     if await rt.idempotency.seen(key):
         log.info("run already prepared; skipping redelivery", run_id=env.run_id)
         return
@@ -71,8 +113,8 @@ async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], 
         )
 
     try:
-        config = data_prep_config(req.config.get("corpus"), req.config.get("data"))
-        rt.current_work = f"run {env.run_id}: data prep"
+        config, run_config = await asyncio.to_thread(prepare_config, rt.store, run_id, req)
+        rt.current_work = f"run {run_id}: data prep"
         result = await asyncio.to_thread(prepare_dataset, config, rt.store, progress)
     except USER_ERRORS as exc:
         await _fail(rt, env, exc, retriable=False)
@@ -86,7 +128,7 @@ async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], 
         raise  # transient? the entry stays pending and is redelivered
     finally:
         rt.current_work = None
-    ready = dataset_ready(result, rt.store)
+    ready = dataset_ready(result, rt.store, run_config)
     await rt.bus.publish(ready)
     await rt.idempotency.commit(key, ready.dataset_version)
     log.info("dataset ready", version=ready.dataset_version, reused=ready.reused, tokens=ready.tokens)

@@ -6,6 +6,10 @@ is already judged is acked without work. While an evaluation runs, the bus keeps
 entry's claim alive, so the reclaim timeout stays short; an instance killed mid-evaluation
 leaves the entry pending and another instance finishes it. Results are written to the
 artifact store before the event is published and before the ack.
+
+The run's `eval` section comes from the config file CheckpointSaved references
+(`run_config`, verified by digest); EvaluationCompleted carries the reference on to the
+exporter. A checkpoint without one is evaluated with the defaults.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from contracts import CheckpointSaved, Envelope, EvaluationCompleted
+from contracts import ArtifactRef, CheckpointSaved, Envelope, EvaluationCompleted
 from shared.bus import Delivery
 from shared.logging import get_logger
-from shared.runs import RunNotFoundError, find_run_request, section
+from shared.runs import read_run_config, section
 from shared.service import ServiceRuntime
 
 from .config import EvalConfig
@@ -27,15 +31,17 @@ from .evaluate import evaluation_completed, previous_best_checkpoint, safe_evalu
 log = get_logger("helox.evaluator")
 
 
-async def eval_config(rt: ServiceRuntime, run_id: str | None) -> EvalConfig:
-    """The run's `eval` section (defaults when the run or section is unknown)."""
-    if not run_id:
+async def eval_config(rt: ServiceRuntime, run_config: ArtifactRef | None, run_id: str | None) -> EvalConfig:
+    """The run's `eval` section, from the run config file (defaults for a checkpoint without one).
+
+    Raises RunConfigError (a ValueError) when the file cannot be used, ValidationError when
+    the section is invalid: the checkpoint then gets an error verdict naming why.
+    """
+    if run_config is None:
+        log.warning("checkpoint carries no run_config reference; evaluating with defaults", run_id=run_id)
         return EvalConfig()
-    try:
-        return EvalConfig.model_validate(section(await find_run_request(rt.bus, run_id), "eval"))
-    except RunNotFoundError:
-        log.warning("run request not found; evaluating with defaults", run_id=run_id)
-        return EvalConfig()
+    config = await asyncio.to_thread(read_run_config, rt.store, run_config)
+    return EvalConfig.model_validate(section(config, "eval"))
 
 
 async def handle_checkpoint(rt: ServiceRuntime, env: Envelope[CheckpointSaved], _delivery: Delivery) -> None:
@@ -45,7 +51,7 @@ async def handle_checkpoint(rt: ServiceRuntime, env: Envelope[CheckpointSaved], 
         return
     out_dir = rt.store.path("evaluations", env.run_id or "no-run", ev.digest[:16])
     try:
-        config = await eval_config(rt, env.run_id)
+        config = await eval_config(rt, ev.run_config, env.run_id)
         checkpoint_dir = rt.store.resolve(ev.checkpoint.uri).parent
         manifest = rt.store.path("datasets", ev.dataset_version, "manifest.json")
     except (ValidationError, ValueError) as exc:
@@ -72,7 +78,7 @@ def _completed(rt: ServiceRuntime, ev: CheckpointSaved, report: Any, error: str 
     if report is None:
         return EvaluationCompleted(checkpoint=ev.checkpoint, checkpoint_digest=ev.digest, step=ev.step,
                                    verdict="error", gates_passed=False, error=error, evaluator=rt.instance,
-                                   is_final=ev.is_final)
+                                   is_final=ev.is_final, run_config=ev.run_config)
     results = out_dir / "results.json"
     payload = evaluation_completed(
         report,
@@ -81,7 +87,7 @@ def _completed(rt: ServiceRuntime, ev: CheckpointSaved, report: Any, error: str 
         evaluator=rt.instance,
         is_final=ev.is_final,
     )
-    return payload.model_copy(update={"checkpoint_digest": ev.digest})
+    return payload.model_copy(update={"checkpoint_digest": ev.digest, "run_config": ev.run_config})
 
 
 def setup(rt: ServiceRuntime) -> None:

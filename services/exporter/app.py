@@ -4,6 +4,8 @@ Which event triggers an export, and of which checkpoint, is the run's `export` s
 (ExportConfig.on / .checkpoint). Idempotent by checkpoint digest: a redelivered event, or
 a second exporter instance, finds the digest done (and the export directory complete).
 The export runs in a worker thread; the bus keeps the entry's claim alive meanwhile.
+The run's config comes from the file the event references (`run_config`, verified by
+digest); its SHA-256 is the run's config hash in the model's lineage.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from contracts import Envelope, EvaluationCompleted, Lineage, ModelReady, RunFai
 from shared.bus import Delivery
 from shared.checkpoint import CheckpointError
 from shared.logging import get_logger
-from shared.runs import RunNotFoundError, find_run_request, section
+from shared.runs import RunConfigError, read_run_config, section, stages
 from shared.service import ServiceRuntime
 from shared.version import code_version
 
@@ -43,16 +45,20 @@ class ExporterService:
         rt, run_id = self.rt, env.run_id
         if not run_id:
             return
+        ref = env.payload.run_config
+        if ref is None:
+            log.warning("event carries no run_config reference; not exporting", run_id=run_id, event=env.type)
+            return
         try:
-            request = await find_run_request(rt.bus, run_id)
-            config = ExportConfig.model_validate(section(request, "export"))
-        except RunNotFoundError:
-            log.warning("run request not found; not exporting", run_id=run_id)
+            run_config = await asyncio.to_thread(read_run_config, rt.store, ref)
+            if "export" not in stages(run_config):
+                return
+            config = ExportConfig.model_validate(section(run_config, "export"))
+        except RunConfigError as exc:
+            await self._fail(f"cannot export: {exc}", type(exc).__name__)
             return
         except ValidationError as exc:
             await self._fail(f"invalid export config: {exc}", "ValidationError")
-            return
-        if "export" not in request.payload.stages:
             return
         best = await rt.idempotency.result(f"best:{run_id}")
         decision = checkpoint_to_export(config, env.payload, best_val_loss=float(best) if best else None)
@@ -64,7 +70,7 @@ class ExporterService:
             return
         rt.current_work = f"exporting {run_id} ({decision.reason})"
         try:
-            ready = await asyncio.to_thread(self._export, decision, config, request.payload.config_hash, run_id,
+            ready = await asyncio.to_thread(self._export, decision, config, ref.sha256, run_id,
                                             key.get_secret_value(), _metrics(env.payload))
         except (CheckpointError, ExportError, FileNotFoundError) as exc:
             await self._fail(f"export of {decision.checkpoint.uri} failed: {exc}", type(exc).__name__)

@@ -10,6 +10,9 @@
 - SIGTERM: the job checkpoints and stops, and its DatasetReady entry is handed back
   (Requeue); the restarted instance, or another one, resumes from the last checkpoint.
 - A finished run is marked done (idempotency by run id), so a redelivery does not train again.
+- The run's config comes from the `run_config` reference DatasetReady carries (verified by
+  digest); TrainingStarted, CheckpointSaved and TrainingCompleted carry it on to the health
+  monitor, the evaluator and the exporter.
 """
 
 from __future__ import annotations
@@ -40,10 +43,9 @@ from shared.checkpoint import CheckpointError
 from shared.data.dataset import DatasetError
 from shared.data.manifest import ManifestError, ShardCorruptError
 from shared.logging import get_logger
-from shared.runs import RunNotFoundError, find_run_request, section
+from shared.runs import RunConfigError, read_run_config, section, stages
 from shared.service import ServiceRuntime
 
-from .config import TrainConfig
 from .control import Action, Alert, Command
 from .hooks import Callback
 from .job import build_trainer, train_config
@@ -70,7 +72,7 @@ class BusEmitter(Callback):
             dataset_version=self.meta["dataset_version"], model_preset=self.meta["preset"],
             n_params=sum(p.numel() for p in trainer.raw_model.parameters()), total_steps=trainer.config.max_steps,
             world_size=trainer.ctx.world_size, device=str(trainer.device), precision=trainer.precision.mode,
-            resumed_from_step=resumed_from, instance=self.meta["instance"],
+            resumed_from_step=resumed_from, instance=self.meta["instance"], run_config=self.meta["run_config"],
         ))
 
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
@@ -96,6 +98,7 @@ class BusEmitter(Callback):
             val_loss=info.meta.get("val_loss"), reason=reason if reason in _REASONS else "interval",
             # The last step's checkpoint is the final one even when an interval wrote it.
             is_final=reason == "final" or info.step >= trainer.config.max_steps,
+            run_config=self.meta["run_config"],
         )
         self.last_checkpoint = event
         self._emit(event)
@@ -146,19 +149,29 @@ class TrainerService:
             return
         if self.job is not None:  # one job at a time per instance: leave it for another
             raise Requeue(f"busy with run {self.job.run_id}")
-        try:
-            request = await find_run_request(rt.bus, run_id)
-        except RunNotFoundError as exc:
-            await self._fail(env, f"{exc}: cannot train without the run's configuration", "RunNotFoundError")
+        if ev.run_config is None:
+            await self._fail(env, f"DatasetReady of run {run_id} carries no run_config reference: cannot train "
+                             "without the run's configuration (data-prep writes runs/<run_id>/config.json)",
+                             "RunConfigError")
             return
-        if "train" not in request.payload.stages:
+        try:
+            run_config = await asyncio.to_thread(read_run_config, rt.store, ev.run_config)
+            wanted = stages(run_config)
+        except RunConfigError as exc:
+            await self._fail(env, f"cannot train: {exc}", type(exc).__name__)
+            return
+        if "train" not in wanted:
             return
         if await rt.idempotency.seen(f"run:{run_id}"):
             log.info("run already trained; skipping redelivery", run_id=run_id)
             return
         try:
-            cfg = train_config(section(request, "train"), vocab_size=ev.vocab_size, dataset_version=ev.dataset_version)
+            cfg = train_config(section(run_config, "train"), vocab_size=ev.vocab_size,
+                               dataset_version=ev.dataset_version)
             manifest_path = rt.store.open_verified(ev.manifest)
+        except RunConfigError as exc:
+            await self._fail(env, f"invalid train config: {exc}", type(exc).__name__)
+            return
         except ValidationError as exc:
             await self._fail(env, f"invalid train config: {exc}", "ValidationError")
             return
@@ -169,7 +182,7 @@ class TrainerService:
         out_dir = rt.store.path("runs", run_id)
         resume = "latest" if any((out_dir / cfg.checkpoint.dirname).glob("step-*")) else None
         meta = {"dataset_version": ev.dataset_version, "instance": rt.instance,
-                "preset": cfg.model if isinstance(cfg.model, str) else "custom"}
+                "preset": cfg.model if isinstance(cfg.model, str) else "custom", "run_config": ev.run_config}
         assert self.outbox is not None
         emitter = BusEmitter(self.outbox, rt.store, run_id, env, meta)
         try:
@@ -220,6 +233,7 @@ class TrainerService:
                 final_checkpoint_digest=result.last_checkpoint_digest,
                 best_checkpoint=rt.store.ref(best / "manifest.json") if best and best.exists() else None,
                 wall_time_s=result.wall_time_s, rollbacks=result.rollbacks, skipped_steps=result.skipped_steps,
+                run_config=emitter.meta["run_config"],
             )
             emitter._emit(done)
         else:  # halted by the policy

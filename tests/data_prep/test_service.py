@@ -10,6 +10,7 @@ import redis
 
 from contracts import DataPrepProgress, DatasetReady, RunFailed
 from shared.artifacts import ArtifactStore
+from shared.runs import read_run_config, request_config, write_run_config
 from tests.bus.helpers import publish, read_all, run_request, stop, wait_for, wait_for_group
 
 from .conftest import make_config, write_corpus
@@ -43,6 +44,10 @@ def test_run_requested_yields_dataset_ready_and_redelivery_does_not_redo(
         store = ArtifactStore(subprocess_env["HELOX_ARTIFACTS"])
         store.open_verified(payload.manifest)  # digest and size match the reference
         store.open_verified(payload.tokenizer)
+        # No config reference in the request: data-prep wrote the run's config file itself.
+        assert payload.run_config is not None
+        assert store.resolve(payload.run_config.uri) == store.path("runs", "prep-1", "config.json")
+        assert read_run_config(store, payload.run_config) == request_config(request.payload)
         stages = {e.payload.stage for e in read_all(client, DataPrepProgress)}
         assert {"ingest", "near_dedup", "tokenize", "manifest"} <= stages
 
@@ -70,5 +75,35 @@ def test_bad_corpus_fails_the_run_with_the_reason(redis_url: str, subprocess_env
         assert failed.payload.stage == "data" and "/etc/passwd" in failed.payload.reason
         assert not failed.payload.retriable
         wait_for(lambda: client.xpending("helox.runs.requested", "data-prep")["pending"] == 0, what="the ack")
+    finally:
+        assert stop(proc) == 0
+
+
+def test_the_requests_config_reference_is_read_and_carried_on(
+    redis_url: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    write_corpus(tmp_path)
+    store = ArtifactStore(subprocess_env["HELOX_ARTIFACTS"])
+    client = redis.Redis.from_url(redis_url)
+    proc = _start(subprocess_env, tmp_path)
+    try:
+        wait_for_group(client, "helox.runs.requested", "data-prep")
+        # The referenced file is what counts: the inline copy here would fail the run.
+        request = run_request("by-ref", corpus={"sources": [{"path": "/etc/passwd", "domain": "x"}], "roots": ["/"]})
+        request.payload.run_config = write_run_config(store, "by-ref", {"name": "by-ref", **_config_sections()})
+        publish(client, request)
+        (ready,) = wait_for(lambda: read_all(client, DatasetReady), timeout=120, what="DatasetReady")
+        assert ready.payload.run_config == request.payload.run_config
+        assert ready.payload.documents > 0 and not read_all(client, RunFailed)
+
+        # A reference whose file changed since it was written fails the run, naming the file.
+        tampered = run_request("tampered", **_config_sections())
+        tampered.payload.run_config = write_run_config(store, "tampered", {"name": "tampered", **_config_sections()})
+        path = store.resolve(tampered.payload.run_config.uri)
+        path.write_bytes(path.read_bytes().replace(b'"tampered"', b'"tampere2"'))
+        publish(client, tampered)
+        (failed,) = wait_for(lambda: read_all(client, RunFailed), timeout=60, what="RunFailed")
+        assert failed.run_id == "tampered" and "does not match its reference" in failed.payload.reason
+        assert str(path) in failed.payload.reason and not failed.payload.retriable
     finally:
         assert stop(proc) == 0

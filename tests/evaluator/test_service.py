@@ -15,6 +15,7 @@ from contracts import CheckpointSaved, EvaluationCompleted, Producer
 from contracts.codec import envelope
 from shared.artifacts import ArtifactStore
 from shared.data.manifest import load_manifest
+from shared.runs import write_run_config
 from tests.bus.helpers import publish, read_all, stop, wait_for, wait_for_group
 
 from .helpers import build_dataset, save, tiny_model
@@ -101,5 +102,30 @@ def test_a_corrupt_checkpoint_gets_an_error_verdict(redis_url: str, subprocess_e
         (result,) = wait_for(lambda: read_all(client, EvaluationCompleted), timeout=60, what="an error verdict")
         assert result.payload.verdict == "error" and "model.safetensors" in (result.payload.error or "")
         assert proc.poll() is None  # no crash loop
+    finally:
+        assert stop(proc) == 0
+
+
+def test_the_runs_eval_section_comes_from_the_config_the_checkpoint_references(
+    redis_url: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    torch.set_num_threads(1)
+    store = ArtifactStore(subprocess_env["HELOX_ARTIFACTS"])
+    _version, (configured, unconfigured) = _checkpoints(store, 2)
+    ref = write_run_config(store, "r1", {"name": "r1", "eval": {"suites_dir": None, "parity": {"enabled": False}}})
+    configured.run_config = ref
+    client = redis.Redis.from_url(redis_url)
+    proc = _evaluator(subprocess_env, "evaluator-1", tmp_path)
+    try:
+        wait_for_group(client, "helox.train.checkpoint-saved", "evaluator")
+        publish(client, envelope(configured, producer=TRAINER, run_id="r1"))
+        publish(client, envelope(unconfigured, producer=TRAINER, run_id="r1"))
+        results = wait_for(lambda: len(read_all(client, EvaluationCompleted)) == 2 and read_all(client, EvaluationCompleted),
+                           timeout=180, what="both checkpoints evaluated")
+        by_digest = {r.payload.checkpoint_digest: r.payload for r in results}
+        with_ref, without = by_digest[configured.digest], by_digest[unconfigured.digest]
+        assert with_ref.suite_scores == {} and with_ref.parity == {}  # the run's section: no suites, no parity
+        assert with_ref.run_config == ref  # carried on to the exporter
+        assert without.suite_scores and without.parity and without.run_config is None  # the defaults
     finally:
         assert stop(proc) == 0
