@@ -13,12 +13,13 @@ mean.
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Any, get_args
 
 from pydantic import Field, model_validator
 
 from contracts.events import AlertKind, RecommendedAction, Severity
 from shared.config import FrozenStrictModel
+from shared.runs import section
 
 ALERT_KINDS: tuple[AlertKind, ...] = get_args(AlertKind)
 """Every alert kind, in the contract's order (one source of truth: contracts.events.AlertKind)."""
@@ -241,3 +242,17 @@ class HealthConfig(FrozenStrictModel):
     throughput: ThroughputConfig = Field(default_factory=ThroughputConfig)
     stall: StallConfig = Field(default_factory=StallConfig)
     alerts: AlertConfig = Field(default_factory=AlertConfig)
+
+
+def overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid over `base`: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_health_config(deployment: dict[str, Any], run_config: dict[str, Any]) -> HealthConfig:
+    """A run's thresholds: the `health:` section of its config file laid over the deployment's
+    section (HELOX_CONFIG); a run without one gets the deployment's."""
+    return HealthConfig.model_validate(overlay(deployment, section(run_config, "health")))

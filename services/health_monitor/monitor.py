@@ -8,6 +8,9 @@ a resolution the same (kind, key) stays quiet for `cooldown` intervals, so a con
 flickering around its threshold gives one incident, not a stream of them; a condition
 still true when the cool-down ends opens its incident then.
 
+Each run is judged with its own HealthConfig (`configure_run`: the run's `health:` section
+over the deployment's), and with the monitor's default config when it has none.
+
 Incident ids are a hash of (run_id, kind, key, step_start), plus an ordinal when the same
 tuple recurs (a rollback can replay the same steps), so that a restarted monitor that
 replays the history computes the same ids. `replay` rebuilds the monitor from the
@@ -74,6 +77,7 @@ class Incident:
 
 @dataclass
 class _Run:
+    config: HealthConfig
     detectors: list[Detector]
     active: bool = False
     paused: bool = False  # the trainer said it paused (TrainerAction 'pause'): silence is expected
@@ -105,17 +109,35 @@ class HealthMonitor:
     """
 
     def __init__(self, config: HealthConfig | None = None) -> None:
-        self.config = config or HealthConfig()
+        self.config = config or HealthConfig()  # the default: for every run not given its own
         self._runs: dict[str, _Run] = {}
-        self._stall_gap_window = self.config.stall.gap_window
+        self._configs: dict[str, HealthConfig] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def _run(self, run_id: str) -> _Run:
         st = self._runs.get(run_id)
         if st is None:
-            st = self._runs[run_id] = _Run(build_detectors(self.config))
+            config = self.config_for(run_id)
+            st = self._runs[run_id] = _Run(config, build_detectors(config))
         return st
+
+    def configure_run(self, run_id: str, config: HealthConfig) -> None:
+        """Judge `run_id` with `config` from now on (call it before the run's first event).
+
+        A run already watched with another config gets fresh detectors built from this one
+        (its windows start over; its open incidents stay): that only happens when metrics
+        overtook the run's TrainingStarted.
+        """
+        self._configs[run_id] = config
+        st = self._runs.get(run_id)
+        if st is not None and st.config != config:
+            st.config, st.detectors = config, build_detectors(config)
+            st.gaps = st.gaps[-config.stall.gap_window:]
+
+    def config_for(self, run_id: str) -> HealthConfig:
+        """The config `run_id` is judged with."""
+        return self._configs.get(run_id, self.config)
 
     def run_started(self, run_id: str, at: float | None = None) -> None:
         """A run started or resumed: it is watched for stalls from `at` (or the next tick)."""
@@ -127,7 +149,8 @@ class HealthMonitor:
     def run_finished(self, run_id: str) -> list[HealthAlert]:
         """A run completed or failed: stop watching it; resolutions for incidents still open."""
         st = self._runs.pop(run_id, None)
-        if st is None or not self.config.alerts.resolve_on_run_end:
+        self._configs.pop(run_id, None)
+        if st is None or not st.config.alerts.resolve_on_run_end:
             return []
         out = []
         for inc in list(st.open.values()):
@@ -169,11 +192,11 @@ class HealthMonitor:
         out: list[HealthAlert] = []
         if st.last_seen is not None and received_at > st.last_seen:
             st.gaps.append(received_at - st.last_seen)
-            if len(st.gaps) > self._stall_gap_window:
+            if len(st.gaps) > st.config.stall.gap_window:
                 del st.gaps[0]
         stalled = st.open.get(("trainer_stalled", None))
         if stalled is not None:
-            clear = check_stall(self.config.stall, received_at, received_at, st.gaps, metrics.step)
+            clear = check_stall(st.config.stall, received_at, received_at, st.gaps, metrics.step)
             out += self._apply(run_id, st, clear, metrics.step)
         st.last_seen = received_at
         if st.last_step is not None and metrics.step < st.last_step:
@@ -191,16 +214,14 @@ class HealthMonitor:
 
     def tick(self, now: float) -> list[tuple[str, HealthAlert]]:
         """The clock: alerts for active runs whose metrics stopped for too long."""
-        if not self.config.stall.enabled:
-            return []
         out = []
         for run_id, st in self._runs.items():
-            if not st.active or st.paused:
+            if not st.active or st.paused or not st.config.stall.enabled:
                 continue
             if st.last_seen is None and st.started_at is None:
                 st.started_at = now  # started without a timestamp: count from the first tick
             last = st.last_seen if st.last_seen is not None else st.started_at
-            f = check_stall(self.config.stall, now, last, st.gaps, st.last_step)
+            f = check_stall(st.config.stall, now, last, st.gaps, st.last_step)
             if f.active:
                 out += [(run_id, a) for a in self._apply(run_id, st, f, st.last_step or 0)]
         return out
@@ -221,18 +242,18 @@ class HealthMonitor:
         if inc is None:
             return []
         inc.clear += 1
-        if inc.clear < self.config.alerts.policies[f.kind].resolve_after:  # type: ignore[index]
+        if inc.clear < st.config.alerts.policies[f.kind].resolve_after:  # type: ignore[index]
             return []
         alert = self._resolution(run_id, st, inc, f, f"{inc.kind}{f' in {inc.layer}' if inc.layer else ''} resolved: "
                                  f"clear for {inc.clear} intervals since step {inc.step_end}")
         return [alert] if alert is not None else []
 
     def _open(self, run_id: str, st: _Run, f: Finding, step: int) -> list[HealthAlert]:
-        cfg = self.config.alerts
+        cfg = st.config.alerts
         pol = cfg.policies[f.kind]  # type: ignore[index]
         severity, action, message = pol.severity, pol.action, f.message
         if f.kind == "loss_spike":
-            spike = self.config.loss_spike
+            spike = st.config.loss_spike
             window = spike.repeat_window_steps
             recent = [s for s in st.spike_starts if abs(step - s) <= window]
             st.spike_starts = recent + [step]
@@ -255,7 +276,7 @@ class HealthMonitor:
     def _resolution(self, run_id: str, st: _Run, inc: Incident, f: Finding | None, message: str) -> HealthAlert | None:
         k = (inc.kind, inc.key)
         st.open.pop(k, None)
-        st.cooldown_until[k] = st.intervals + self.config.alerts.policies[inc.kind].cooldown  # type: ignore[index]
+        st.cooldown_until[k] = st.intervals + st.config.alerts.policies[inc.kind].cooldown  # type: ignore[index]
         if f is not None:
             evidence = f.evidence()
             evidence.layer = evidence.layer or inc.layer
@@ -361,7 +382,7 @@ class HealthMonitor:
 
         `events`: the recent metrics, lifecycle events and actions of the runs, and the
         HealthAlert events this monitor published (any order: they are sorted by
-        occurred_at, stably). Returns the alerts the history implies but that were never
+        occurred_at, stably); the runs' own configs given beforehand (`configure_run`). Returns the alerts the history implies but that were never
         published (the previous instance stopped between detecting and publishing):
         publish them. Alerts already published are never returned again.
         """

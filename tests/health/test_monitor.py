@@ -16,7 +16,7 @@ from contracts import (
     TrainingCompleted,
     TrainingStarted,
 )
-from services.health_monitor.config import HealthConfig
+from services.health_monitor.config import HealthConfig, run_health_config
 from services.health_monitor.monitor import HealthMonitor, incident_id
 from tests.health.traces import Trace, make_trace
 
@@ -313,3 +313,54 @@ def test_disabled_detectors_stay_silent() -> None:
     mon = HealthMonitor(HealthConfig.model_validate({"non_finite": {"enabled": False}}))
     out = _feed(mon, clean_series(5) + [metrics(60, float("nan"))])
     assert out == []
+
+
+# --- one config per run --------------------------------------------------------------------------
+
+TIGHT = HealthConfig.model_validate({"loss_spike": {"z_threshold": 4.0, "min_rel_jump": 0.02}})
+
+
+def _small_spike(n: int = 60, at: int = 40) -> list:
+    ms = clean_series(n, noise=0.003)
+    ms[at].loss *= 1.04  # under the default min_rel_jump (5%), over a lowered one
+    return ms
+
+
+def test_each_run_is_judged_by_its_own_config() -> None:
+    mon = HealthMonitor()
+    mon.configure_run("tight", TIGHT)
+    tight = _firing(_feed(mon, _small_spike(), run="tight"))
+    assert [(a.kind, a.step_start) for a in tight] == [("loss_spike", 410)]
+    assert _feed(mon, _small_spike(), run="default") == []  # the same stream, the monitor's default config
+    assert mon.config_for("tight") == TIGHT and mon.config_for("default") == mon.config
+
+
+def test_a_config_given_after_the_first_metrics_takes_over_and_a_finished_run_forgets_it() -> None:
+    mon = HealthMonitor()
+    ms = _small_spike()
+    _feed(mon, ms[:10], run="r")  # metrics overtook the run's TrainingStarted
+    mon.configure_run("r", TIGHT)
+    assert [a.kind for a in _firing(_feed(mon, ms[10:], run="r", t0=100.0))] == ["loss_spike"]
+    mon.run_finished("r")
+    assert mon.config_for("r") == mon.config
+
+
+def test_replay_judges_each_run_by_the_config_it_was_given() -> None:
+    history = [env(m, "tight", 10.0 * k) for k, m in enumerate(_small_spike())]
+    restarted = HealthMonitor()
+    restarted.configure_run("tight", TIGHT)
+    pending = restarted.replay(history)  # never published: the previous instance detected, then crashed
+    assert [(r, a.kind, a.state) for r, a in pending] == [("tight", "loss_spike", "firing"),
+                                                          ("tight", "loss_spike", "resolved")]
+    assert HealthMonitor().replay(history) == []
+
+
+def test_a_runs_health_section_is_laid_over_the_deployments() -> None:
+    deployment = {"loss_spike": {"z_threshold": 4.0, "window": 32}, "stall": {"min_s": 60.0}}
+    run = {"name": "r", "health": {"loss_spike": {"min_rel_jump": 0.02, "window": 48}}}
+    cfg = run_health_config(deployment, run)
+    assert (cfg.loss_spike.z_threshold, cfg.loss_spike.min_rel_jump, cfg.loss_spike.window) == (4.0, 0.02, 48)
+    assert cfg.stall.min_s == 60.0
+    assert run_health_config(deployment, {"name": "no-health"}) == HealthConfig.model_validate(deployment)
+    with pytest.raises(ValidationError, match="min_rel_jump"):
+        run_health_config({}, {"health": {"loss_spike": {"min_rel_jump": -1}}})
