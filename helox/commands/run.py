@@ -27,8 +27,10 @@ from contracts import (
     topic_for,
 )
 from contracts.codec import envelope
+from shared.artifacts import ArtifactStore
 from shared.bus.wire import encode_entry
 from shared.config import HeloxSettings
+from shared.runs import write_run_config
 
 from .. import common
 from ..common import CLI_PRODUCER, console, err
@@ -118,8 +120,11 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig
     terminal = TERMINAL_FOR_STAGE[cfg.stages[-1]]
     follower = follow(client, lifecycle, start="$", notice=common.notice)
     next(follower)  # pin the start position before publishing
+    # The validated config goes to the store once; every event of the run references that file.
+    run_config = write_run_config(ArtifactStore(settings.artifacts), run_id, cfg.pipeline_config())
     request = envelope(
-        RunRequested(name=cfg.name, stages=cfg.stages, config=cfg.pipeline_config(), config_hash=cfg.config_hash()),
+        RunRequested(name=cfg.name, stages=cfg.stages, config=cfg.pipeline_config(), config_hash=cfg.config_hash(),
+                     run_config=run_config),
         producer=CLI_PRODUCER,
         run_id=run_id,
     )
