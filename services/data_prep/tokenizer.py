@@ -77,12 +77,14 @@ def train_tokenizer(texts: list[str], cfg: TokenizerConfig) -> bytes:
             minloglevel=2,
         )
     except RuntimeError as e:
-        hint = (
-            "raise tokenizer.vocab_size (byte fallback alone takes 256 ids) or lower tokenizer.character_coverage"
-            if "required_chars" in str(e)
-            else "the corpus is too small for this vocabulary: lower tokenizer.vocab_size"
-        )
-        raise TokenizerError(f"sentencepiece training failed ({e}); {hint} (now {cfg.vocab_size})") from e
+        if "required_chars" in str(e):
+            hint = (
+                f"raise tokenizer.vocab_size (now {cfg.vocab_size}; byte fallback alone takes 256 ids) or lower "
+                f"tokenizer.character_coverage (now {cfg.character_coverage}) so that fewer characters need an id"
+            )
+        else:
+            hint = f"the corpus is too small for this vocabulary: lower tokenizer.vocab_size (now {cfg.vocab_size})"
+        raise TokenizerError(f"sentencepiece training failed ({e}); {hint}") from e
     return out.getvalue()
 
 

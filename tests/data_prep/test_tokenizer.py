@@ -69,6 +69,16 @@ def test_vocab_too_large_for_corpus_says_what_to_do() -> None:
         train_tokenizer(["tiny corpus"], TokenizerConfig(vocab_size=5000))
 
 
+def test_too_many_required_characters_names_the_coverage_and_its_value() -> None:
+    text = " ".join(chr(c) for c in range(0x4E00, 0x4E00 + 120))  # 120 distinct CJK characters
+    with pytest.raises(TokenizerError, match="required_chars") as info:
+        train_tokenizer([text] * 50, TokenizerConfig(vocab_size=300, character_coverage=0.9995))
+    message = str(info.value)
+    assert "tokenizer.vocab_size (now 300;" in message
+    assert "tokenizer.character_coverage (now 0.9995)" in message
+    assert "(now 300)" not in message
+
+
 def test_token_dtype() -> None:
     assert token_dtype(65535) == "uint16"
     assert token_dtype(65536) == "uint32"
