@@ -41,6 +41,7 @@ def data_prepare(config: Annotated[Path, typer.Argument(help="Run config YAML (i
         console.print(f"  {report.stage:<15} kept {report.docs_out:>7} removed {report.removed:>6} "
                       f"in {report.seconds:6.2f}s", highlight=False)
     console.print(format_summary(inspect_dataset(result.manifest_path)), highlight=False)
+    console.print(f"  {result.status}", highlight=False)  # built / reused (verified ...) / rebuilt: why
     console.print(f"[green]dataset {result.manifest.version}[/green]{' (reused)' if result.reused else ''}: "
                   f"{result.manifest_path}")
 

@@ -180,6 +180,8 @@ class NearDupResult:
     similarity: list[float] = field(default_factory=list)  # of each verified pair (exact, or the estimate)
     duplicate_of: dict[int, int] = field(default_factory=dict)  # removed -> the kept document of its cluster
     similarity_to_kept: dict[int, float] = field(default_factory=dict)  # removed -> similarity to that document
+    linked_via: dict[int, int] = field(default_factory=dict)  # removed -> its most similar partner, when the
+    # pair (kept, removed) itself was not verified (the removed document joined the cluster through a chain)
     estimate_disagreed: int = 0  # candidates where the signature estimate and the exact value disagree
 
 
@@ -293,28 +295,40 @@ def lsh_near_duplicates(
     clusters = len(set(roots[~keep].tolist()))
     duplicate_of = {int(j): int(roots[j]) for j in np.flatnonzero(~keep)}
     pair_sim = dict(zip(verified, similarity, strict=True))
-    to_kept = {}
+    best: dict[int, tuple[float, int]] = {}  # document -> (highest similarity, partner) over verified pairs
+    for (i, j), sim in pair_sim.items():
+        for a, b in ((i, j), (j, i)):
+            if a not in best or sim > best[a][0]:
+                best[a] = (sim, b)
+    to_kept, via = {}, {}
     for j, root in duplicate_of.items():
         if (root, j) in pair_sim:
             to_kept[j] = pair_sim[(root, j)]
-        elif verify == "exact":
+            continue
+        via[j] = best[j][1]
+        if verify == "exact":
             to_kept[j] = exact(root, j)
         else:
             to_kept[j] = float((sigs[root] == sigs[j]).mean())
     return NearDupResult(
-        keep, bands, rows, len(pairs), len(verified), clusters, verified, similarity, duplicate_of, to_kept, disagreed
+        keep, bands, rows, len(pairs), len(verified), clusters, verified, similarity, duplicate_of, to_kept, via,
+        disagreed,
     )
 
 
-def exact_dedup(docs: list[Document]) -> tuple[list[Document], int]:
-    """Drop documents whose text was seen before; sets each kept document's digest."""
-    seen: set[bytes] = set()
-    kept = []
-    for doc in docs:
+def exact_dedup(docs: list[Document]) -> tuple[list[Document], list[tuple[int, int]]]:
+    """Drop documents whose text was seen before; sets each document's digest.
+
+    Returns the kept documents and (removed, first occurrence) index pairs into `docs`.
+    """
+    first: dict[bytes, int] = {}
+    kept, duplicates = [], []
+    for i, doc in enumerate(docs):
         digest = hashlib.sha256(doc.text.encode("utf-8")).digest()
-        if digest in seen:
-            continue
-        seen.add(digest)
         doc.digest = digest
+        if digest in first:
+            duplicates.append((i, first[digest]))
+            continue
+        first[digest] = i
         kept.append(doc)
-    return kept, len(docs) - len(kept)
+    return kept, duplicates

@@ -1,19 +1,27 @@
 """The data-prep pipeline: corpus config in, versioned dataset directory in the store out.
 
 Stages: ingest (read, decode, normalise) -> filter -> exact dedup -> near dedup (MinHash
-LSH) -> semantic dedup (optional) -> tokenizer (train or reuse) -> tokenize into shards ->
-manifest. Each stage returns a StageReport; `progress(stage, fraction)` is called as they go.
+LSH, candidates verified on their exact Jaccard) -> semantic dedup (optional) -> split check
+-> tokenizer (train or reuse) -> tokenize into shards -> manifest. Each stage returns a
+StageReport; `progress(stage, fraction)` is called as they go.
 
-The dataset version is a hash of the inputs' content, every parameter that changes the
-output and PIPELINE_VERSION. A complete directory ``datasets/<version>/`` already in the
-store is reused as is. A new one is built in a temporary directory next to it and renamed
-into place, so a reader never sees a half-written dataset.
+Lineage: the manifest lists the SHA-256 of every input file (inputs.per_file), and the dedup
+report (dedup_report.jsonl, its digest in the manifest) names every document a dedup stage
+removed and the kept document it duplicates.
+
+The dataset version is a hash of the inputs' content (the per-file digests), every parameter
+that changes the output and PIPELINE_VERSION. A directory ``datasets/<version>/`` already in
+the store is reused only after every file in it matches its SHA-256 in the manifest;
+otherwise it is rebuilt (PrepareResult.status says which happened, and why). A new one is
+built in a temporary directory next to it and renamed into place, so a reader never sees a
+half-written dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -21,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,13 +48,15 @@ from services.data_prep.ingest import (
     expand_path,
     read_files,
 )
-from services.data_prep.sharding import write_shards
+from services.data_prep.sharding import is_validation, validation_score, write_shards
 from services.data_prep.tokenizer import load_tokenizer, special_ids, token_dtype, train_tokenizer
 from shared.artifacts import ArtifactStore, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
 from shared.data.config import DataPrepConfig
 from shared.data.manifest import (
     MANIFEST_NAME,
+    DedupReportInfo,
     HistogramInfo,
+    InputFile,
     InputsInfo,
     Manifest,
     ManifestError,
@@ -57,12 +67,20 @@ from shared.data.manifest import (
     load_manifest,
     write_manifest,
 )
+from shared.logging import get_logger
 
-PIPELINE_VERSION = "1"
-"""Bump whenever a change to this package changes the bytes of a dataset for the same inputs."""
+PIPELINE_VERSION = "2"
+"""Bump whenever a change to this package changes the bytes of a dataset for the same inputs.
+
+2: near-duplicate candidates decided on their exact Jaccard (21x6 bands at 0.8/128); the
+dedup report and per-file input digests.
+"""
 
 TOKENIZER_FILE = "tokenizer.model"
 HISTOGRAM_FILE = "histograms.safetensors"
+DEDUP_REPORT_FILE = "dedup_report.jsonl"
+
+log = get_logger("helox.data_prep")
 
 ProgressFn = Callable[[str, float], None]
 T = TypeVar("T")
@@ -84,12 +102,21 @@ class ParentDatasetError(CorpusError):
     """tokenizer.from_dataset names a dataset that is not (completely) in the store."""
 
 
+class EmptySplitError(CorpusError):
+    """sharding.val_fraction leaves the training or the validation split without a document."""
+
+
 @dataclass
 class PrepareResult:
     manifest: Manifest
     manifest_path: Path
     reused: bool
     reports: list[StageReport]
+    status: str = ""
+    """'built', 'reused (verified N shards by SHA-256)' or 'rebuilt: <what failed>'."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds outside the stage reports: discover, hash_inputs, verify_existing, pool_start,
+    manifest (histograms, dedup report and manifest written) and total (the whole call)."""
 
 
 # --- versioning -------------------------------------------------------------------------
@@ -119,15 +146,17 @@ def dataset_version(config: DataPrepConfig, inputs_digest: str, tokenizer_sha256
 
 
 def hash_inputs(files: list[SourceFile]) -> tuple[list[str], InputsInfo]:
-    """SHA-256 of every input file and their combined digest (source, relative path, content)."""
-    digests, size = [], 0
+    """SHA-256 of every input file, listed per file, and their combined digest (source, relative
+    path, content), which the dataset version is derived from."""
+    digests, per_file = [], []
     h = hashlib.sha256()
     for sf in files:
         digest = sha256_file(sf.path)
         digests.append(digest)
-        size += os.path.getsize(sf.path)
+        per_file.append(InputFile(source=sf.source, path=sf.relpath, sha256=digest, bytes=os.path.getsize(sf.path)))
         h.update(f"{sf.source}\0{sf.relpath}\0{digest}\n".encode())
-    return digests, InputsInfo(files=len(files), bytes=size, digest=h.hexdigest())
+    size = sum(f.bytes for f in per_file)
+    return digests, InputsInfo(files=len(files), bytes=size, digest=h.hexdigest(), per_file=per_file)
 
 
 # --- worker pool ------------------------------------------------------------------------
@@ -230,15 +259,31 @@ def plan_version(config: DataPrepConfig, store: ArtifactStore, base_dir: str | P
     return dataset_version(config, inputs.digest, sha256_bytes(tok_model) if tok_model else None)
 
 
-def _complete_dataset(path: Path) -> Manifest | None:
-    """The manifest of a complete dataset directory (cheap size checks), else None."""
+def _verified_dataset(path: Path) -> tuple[Manifest | None, str]:
+    """(manifest, 'reused (verified N shards by SHA-256)') when every file of the dataset
+    directory matches its size and SHA-256 in the manifest, else (None, what failed)."""
     try:
         manifest = load_manifest(path / MANIFEST_NAME)
-        for shard in manifest.shards:
+    except ManifestError:
+        return None, "its manifest is missing or unreadable"
+    for shard in manifest.shards:
+        try:
             check_shard(path, shard, full=False)
-    except (ManifestError, ShardCorruptError):
-        return None
-    return manifest
+        except ShardCorruptError:
+            return None, f"shard {shard.path} is missing or has the wrong size"
+        try:
+            check_shard(path, shard, full=True)
+        except ShardCorruptError:
+            return None, f"shard {shard.path} failed its digest"
+    others = [("tokenizer", manifest.tokenizer.path, manifest.tokenizer.sha256),
+              ("histograms", manifest.histograms.path, manifest.histograms.sha256)]
+    if manifest.dedup_report is not None:
+        others.append(("dedup report", manifest.dedup_report.path, manifest.dedup_report.sha256))
+    for name, rel, digest in others:
+        p = path / rel
+        if not p.is_file() or sha256_file(p) != digest:
+            return None, f"{name} {rel} failed its digest"
+    return manifest, f"reused (verified {len(manifest.shards)} shards by SHA-256)"
 
 
 def prepare_dataset(
@@ -258,19 +303,35 @@ def prepare_dataset(
     """
     report_progress = progress or (lambda stage, fraction: None)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
 
+    def lap(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        timings[name] = now - t0
+        return now
+
+    t = time.perf_counter()
     files = discover_files(config.corpus, base)
+    t = lap("discover", t)
     file_digests, inputs = hash_inputs(files)
+    t = lap("hash_inputs", t)
     tok_model, tok_source, parent_version, tok_type = _resolve_tokenizer(config, store, base)
     version = dataset_version(config, inputs.digest, sha256_bytes(tok_model) if tok_model else None)
     final = store.path("datasets", version)
+    status = "built"
     if final.exists():
-        existing = _complete_dataset(final)
+        existing, note = _verified_dataset(final)
+        t = lap("verify_existing", t)
         if existing is not None:
             report_progress("manifest", 1.0)
-            return PrepareResult(existing, final / MANIFEST_NAME, True, existing.stages)
+            log.info(f"dataset {version} {note}", version=version)
+            timings["total"] = time.perf_counter() - t_start
+            return PrepareResult(existing, final / MANIFEST_NAME, True, existing.stages, note, timings)
+        status = f"rebuilt: {note}"
+        log.warning(f"dataset {version} {status}", version=version)
         trash = final.with_name(f".broken-{version}-{uuid.uuid4().hex[:8]}")
-        final.rename(trash)  # incomplete leftovers: rebuilt below
+        final.rename(trash)  # incomplete or corrupt leftovers: rebuilt below
         shutil.rmtree(trash, ignore_errors=True)
 
     workers = config.sharding.workers or os.cpu_count() or 1
@@ -279,28 +340,75 @@ def prepare_dataset(
     tmp = store.path("datasets", f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
+        t = time.perf_counter()
         with _worker_pool(workers) as pool:
-            manifest, reports = _build(
+            timings["pool_start"] = time.perf_counter() - t
+            manifest, reports, manifest_s = _build(
                 config, files, file_digests, inputs, version, tok_model, tok_source, tok_type, parent_version,
                 tmp, pool, report_progress, workers,
             )
+        t = time.perf_counter()
         write_manifest(manifest, tmp / MANIFEST_NAME)
         fsync_dir(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
             # Another process renamed the same version into place first: theirs is identical.
-            existing = _complete_dataset(final)
+            existing, note = _verified_dataset(final)
             if existing is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-            return PrepareResult(existing, final / MANIFEST_NAME, True, existing.stages)
+            timings["total"] = time.perf_counter() - t_start
+            return PrepareResult(existing, final / MANIFEST_NAME, True, existing.stages, note, timings)
         fsync_dir(final.parent)
+        timings["manifest"] = manifest_s + time.perf_counter() - t
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report_progress("manifest", 1.0)
-    return PrepareResult(load_manifest(final / MANIFEST_NAME), final / MANIFEST_NAME, False, reports)
+    if status != "built":
+        log.info(f"dataset {version} {status}", version=version)
+    timings["total"] = time.perf_counter() - t_start
+    return PrepareResult(load_manifest(final / MANIFEST_NAME), final / MANIFEST_NAME, False, reports, status, timings)
+
+
+def _dedup_record(
+    stage: str, removed: Document, kept: Document, measure: str, similarity: float, via: Document | None = None
+) -> dict[str, Any]:
+    """One line of the dedup report (see shared.data.manifest.DedupReportInfo)."""
+    record: dict[str, Any] = {
+        "stage": stage, "removed": removed.origin, "duplicate_of": kept.origin, "measure": measure,
+        "similarity": float(similarity), "domain": removed.domain, "removed_sha256": removed.digest.hex(),
+    }
+    if via is not None and via is not kept:
+        record["via"] = via.origin
+    return record
+
+
+def _check_splits(docs: list[Document], sharding: Any) -> None:
+    """Fail here, naming the setting, when val_fraction leaves a split without a document:
+    the trainer reads both (an explicit val_fraction of 0 means no validation and passes)."""
+    fraction, seed, n = sharding.val_fraction, sharding.seed, len(docs)
+    if fraction <= 0:
+        return
+    n_val = sum(is_validation(d.digest, seed, fraction) for d in docs)
+    if 0 < n_val < n:
+        return
+    scores = sorted(validation_score(d.digest, seed) for d in docs)
+    setting = f"sharding.val_fraction (data.sharding.val_fraction in a run config) = {fraction}"
+    if n_val == 0:
+        needed = (math.floor(scores[0] * 1e4) + 1) / 1e4
+        raise EmptySplitError(
+            f"{setting} sends 0 of {n} documents to validation ({fraction * n:.2f} expected; documents are "
+            f"split by a hash of their content): the trainer needs validation tokens. Raise it to at least "
+            f"{needed:.4f}, the smallest value that gives this corpus a validation document, add documents, "
+            "or set it to 0 to prepare a dataset without validation"
+        )
+    below = math.floor(scores[-1] * 1e4) / 1e4
+    raise EmptySplitError(
+        f"{setting} sends every one of the {n} documents to validation and none to training: lower it to "
+        f"{below:.4f} or less, or add documents"
+    )
 
 
 def _build(
@@ -317,8 +425,10 @@ def _build(
     pool: Any,
     report_progress: ProgressFn,
     workers: int,
-) -> tuple[Manifest, list[StageReport]]:
+) -> tuple[Manifest, list[StageReport], float]:
+    """The stages, written into `out`: (manifest, stage reports, seconds spent on the manifest's files)."""
     reports: list[StageReport] = []
+    removed_records: list[dict[str, Any]] = []
 
     # 1. ingest and normalise
     t0 = time.perf_counter()
@@ -334,8 +444,11 @@ def _build(
     docs = [doc for res in results for doc in res.docs]
     binary = [f"{r.file.source}:{r.file.relpath}" for r in results if r.binary]
     non_utf8 = [f"{r.file.source}:{r.file.relpath}" for r in results if r.replaced_chars]
+    unparseable = sum(r.unparseable for r in results)
+    # Ingest removes no document: documents in = out = what the files yielded (a JSONL file one per record).
     ingest = StageReport(
-        stage="ingest", docs_in=len(files), docs_out=len(docs), bytes_in=inputs.bytes, bytes_out=_nbytes(docs),
+        stage="ingest", docs_in=len(docs), docs_out=len(docs), files_in=len(files),
+        files_skipped=sum(1 for r in results if not r.docs), bytes_in=inputs.bytes, bytes_out=_nbytes(docs),
         seconds=time.perf_counter() - t0,
         details={
             "files": len(files),
@@ -344,14 +457,14 @@ def _build(
             "non_utf8_files": len(non_utf8),
             "non_utf8_examples": non_utf8[:100],
             "replaced_chars": sum(r.replaced_chars for r in results),
-            "unparseable_python": sum(r.unparseable for r in results),
+            "unparseable_python": unparseable,
         },
     )
     reports.append(ingest)
     if not docs:
         raise EmptyCorpusError(
             f"the corpus has no document: {len(files)} files found, {len(binary)} binary, "
-            f"{ingest.details['unparseable_python']} unparseable; check corpus.sources"
+            f"{unparseable} unparseable; check corpus.sources"
         )
 
     # filters
@@ -365,7 +478,8 @@ def _build(
     # 2. exact dedup
     t0 = time.perf_counter()
     report_progress("exact_dedup", 0.0)
-    kept, _ = exact_dedup(docs)
+    kept, duplicates = exact_dedup(docs)
+    removed_records += [_dedup_record("exact_dedup", docs[i], docs[first], "sha256", 1.0) for i, first in duplicates]
     reports.append(_report("exact_dedup", docs, kept, t0))
     report_progress("exact_dedup", 1.0)
     docs = kept
@@ -383,9 +497,16 @@ def _build(
             report_progress("near_dedup", 0.9 * n / len(tasks))
         near = lsh_near_duplicates(np.concatenate(parts), mh.threshold, texts, mh.ngram)
         kept = [d for d, k in zip(docs, near.keep, strict=True) if k]
+        for j, root in sorted(near.duplicate_of.items()):
+            via = near.linked_via.get(j)
+            removed_records.append(_dedup_record(
+                "near_dedup", docs[j], docs[root], "jaccard", near.similarity_to_kept[j],
+                docs[via] if via is not None else None,
+            ))
         reports.append(_report(
             "near_dedup", docs, kept, t0, bands=near.bands, rows=near.rows,
             candidate_pairs=near.candidate_pairs, verified_pairs=near.verified_pairs, clusters=near.clusters,
+            verification="exact", estimate_disagreed=near.estimate_disagreed,
         ))
         report_progress("near_dedup", 1.0)
         docs = kept
@@ -402,9 +523,16 @@ def _build(
                     progress=lambda f: report_progress("semantic_dedup", 0.9 * f))
         result = semantic_duplicates(emb, sem.n_clusters, sem.threshold, sem.kmeans_iters, sem.seed)
         kept = [d for d, k in zip(docs, result.keep.tolist(), strict=True) if k]
+        for j, (root, matched) in sorted(result.duplicate_of().items()):
+            removed_records.append(_dedup_record(
+                "semantic_dedup", docs[j], docs[root], "cosine", float(emb[j] @ emb[root]), docs[matched],
+            ))
         reports.append(_report("semantic_dedup", docs, kept, t0, clusters=result.clusters, pairs=len(result.pairs)))
         report_progress("semantic_dedup", 1.0)
         docs = kept
+
+    # Both splits must get documents: fail now, not after tokenizing (or in the trainer).
+    _check_splits(docs, config.sharding)
 
     # 5. tokenizer
     t0 = time.perf_counter()
@@ -439,11 +567,18 @@ def _build(
     )
     from safetensors.numpy import save
 
+    tokenize_s = time.perf_counter() - t0
+    t_manifest = time.perf_counter()
     hist_bytes = save(sharded.histograms, metadata={"dataset_version": version, "vocab_size": str(vocab)})
     atomic_write_bytes(out / HISTOGRAM_FILE, hist_bytes)
+    report_bytes = b"".join(json.dumps(r).encode() + b"\n" for r in removed_records)
+    atomic_write_bytes(out / DEDUP_REPORT_FILE, report_bytes)
+    by_stage: dict[str, int] = {}
+    for r in removed_records:
+        by_stage[r["stage"]] = by_stage.get(r["stage"], 0) + 1
     reports.append(StageReport(
         stage="tokenize", docs_in=len(docs), docs_out=len(docs), bytes_in=_nbytes(docs),
-        bytes_out=sum(s.size_bytes for s in sharded.shards), seconds=time.perf_counter() - t0,
+        bytes_out=sum(s.size_bytes for s in sharded.shards), seconds=tokenize_s,
         details={
             "tokens": sum(s.tokens for s in sharded.shards),
             "shards": len(sharded.shards),
@@ -467,7 +602,10 @@ def _build(
             path=HISTOGRAM_FILE, sha256=sha256_bytes(hist_bytes), size_bytes=len(hist_bytes),
             keys=list(sharded.histograms),
         ),
+        dedup_report=DedupReportInfo(
+            path=DEDUP_REPORT_FILE, sha256=sha256_bytes(report_bytes), size_bytes=len(report_bytes), records=by_stage,
+        ),
     )
-    return manifest, reports
+    return manifest, reports, time.perf_counter() - t_manifest
 
 

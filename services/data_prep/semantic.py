@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,19 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[tor
 class SemDedupResult:
     keep: torch.Tensor  # bool (n,)
     clusters: int
-    pairs: list[tuple[int, int]]  # (kept-earlier member, removed member), global indices
+    pairs: list[tuple[int, int]]  # (earlier member, removed member), global indices; the earlier one may be removed too
+    similarities: list[float] = field(default_factory=list)  # cosine of each pair
+
+    def duplicate_of(self) -> dict[int, tuple[int, int]]:
+        """removed -> (the kept document its chain of pairs ends at, the member it was matched to)."""
+        matched = {j: i for i, j in self.pairs}
+        out = {}
+        for j, i in matched.items():
+            root = i
+            while root in matched:  # the earlier member was removed too: follow it to a kept one
+                root = matched[root]
+            out[j] = (root, i)
+        return out
 
 
 def semantic_duplicates(
@@ -122,9 +134,10 @@ def semantic_duplicates(
     n = emb.shape[0]
     keep = torch.ones(n, dtype=torch.bool)
     if n < 2:
-        return SemDedupResult(keep, n, [])
+        return SemDedupResult(keep, n, [], [])
     centroids, assign = kmeans(emb, n_clusters, iters, seed)
     pairs: list[tuple[int, int]] = []
+    sims: list[float] = []
     for c in range(centroids.shape[0]):
         members = torch.nonzero(assign == c).flatten()
         if members.numel() < 2:
@@ -144,4 +157,5 @@ def semantic_duplicates(
             for j in torch.nonzero(best > threshold).flatten().tolist():
                 keep[ms[lo + j]] = False
                 pairs.append((int(ms[arg[j]]), int(ms[lo + j])))
-    return SemDedupResult(keep, int(centroids.shape[0]), pairs)
+                sims.append(float(best[j]))
+    return SemDedupResult(keep, int(centroids.shape[0]), pairs, sims)

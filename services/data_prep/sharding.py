@@ -27,12 +27,20 @@ _CHUNK_BYTES = 1 << 19  # text per worker task: amortises pickling, small enough
 _SP_CACHE: dict[str, object] = {}  # per worker process: model file digest -> processor
 
 
+def _split_hash(digest: bytes, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(seed.to_bytes(8, "little") + digest).digest()[:8], "little")
+
+
 def is_validation(digest: bytes, seed: int, val_fraction: float) -> bool:
     """Deterministic split of a document by its content digest."""
     if val_fraction <= 0:
         return False
-    h = hashlib.sha256(seed.to_bytes(8, "little") + digest).digest()
-    return int.from_bytes(h[:8], "little") < val_fraction * 2.0**64
+    return _split_hash(digest, seed) < val_fraction * 2.0**64
+
+
+def validation_score(digest: bytes, seed: int) -> float:
+    """The document's split hash in [0, 1): it goes to validation when val_fraction is above this."""
+    return _split_hash(digest, seed) / 2.0**64
 
 
 @dataclass

@@ -5,6 +5,7 @@ A dataset lives in one directory of the artifact store, ``datasets/<version>/``:
     manifest.json                  this file's model, `Manifest`
     tokenizer.model                sentencepiece model
     histograms.safetensors         unigram token counts per split/domain (drift baseline)
+    dedup_report.jsonl             every document dedup removed, and which kept one it duplicates
     train/<domain>/shard_00000.bin flat token ids, documents separated by EOS
     val/<domain>/shard_00000.bin
 
@@ -43,11 +44,18 @@ class _Model(BaseModel):
 
 
 class StageReport(_Model):
-    """What one pipeline stage did: documents in/out, bytes, time and stage-specific counts."""
+    """What one pipeline stage did: documents in/out, bytes, time and stage-specific counts.
+
+    Ingest reads files and removes no document: its docs_in and docs_out are the documents the
+    files yielded (a JSONL file yields one per record), files_in the files read and
+    files_skipped those that yielded none (binary, unparseable Python).
+    """
 
     stage: str
     docs_in: int = 0
     docs_out: int = 0
+    files_in: int | None = None
+    files_skipped: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
     seconds: float = 0.0
@@ -107,10 +115,39 @@ class HistogramInfo(_Model):
     keys: list[str]
 
 
+class InputFile(_Model):
+    """One input file: which corpus source found it, its path relative to that source, its content digest."""
+
+    source: int
+    path: str
+    sha256: str
+    bytes: int
+
+
 class InputsInfo(_Model):
     files: int
     bytes: int
-    digest: str = Field(description="SHA-256 over the sorted (source, relative path, content SHA-256) of every input.")
+    digest: str = Field(
+        description="SHA-256 over the lines f'{source}\\0{path}\\0{sha256}\\n' of per_file, in order: the version's input."
+    )
+    per_file: list[InputFile] = Field(default_factory=list, description="Every input file, in reading order.")
+
+
+class DedupReportInfo(_Model):
+    """The dedup report: one JSON line per removed document.
+
+    Each line: stage (exact_dedup, near_dedup, semantic_dedup), removed and duplicate_of (document
+    origins, '<source>:<path>' or '<source>:<path>:<line>' for JSONL records; duplicate_of is a
+    kept document), removed_sha256 (of the normalised text), domain, measure (sha256, jaccard,
+    cosine), similarity (removed vs duplicate_of: 1.0 for exact copies, the exact word n-gram
+    Jaccard, the embedding cosine) and, when the decision was made against another removed
+    document, via (that document's origin).
+    """
+
+    path: str
+    sha256: str
+    size_bytes: int
+    records: dict[str, int] = Field(default_factory=dict, description="Removed documents per stage.")
 
 
 class Manifest(_Model):
@@ -127,6 +164,7 @@ class Manifest(_Model):
     domains: dict[str, DomainStats]
     stages: list[StageReport]
     histograms: HistogramInfo
+    dedup_report: DedupReportInfo | None = Field(default=None, description="None in datasets of pipeline version 1.")
 
     def shards_for(self, split: Split, domain: str | None = None) -> list[ShardInfo]:
         """Shards of a split (optionally one domain), in stream order."""
@@ -225,10 +263,14 @@ def verify_dataset(manifest_path: str | Path, full: bool = True) -> VerifyReport
             check_shard(root, shard, full=full)
         except ShardCorruptError as e:
             report.problems.append(str(e))
-    for name, rel, sha, size in (
+    files = [
         ("tokenizer", manifest.tokenizer.path, manifest.tokenizer.sha256, manifest.tokenizer.size_bytes),
         ("histograms", manifest.histograms.path, manifest.histograms.sha256, manifest.histograms.size_bytes),
-    ):
+    ]
+    if manifest.dedup_report is not None:
+        r = manifest.dedup_report
+        files.append(("dedup report", r.path, r.sha256, r.size_bytes))
+    for name, rel, sha, size in files:
         report.checked_files += 1
         p = root / rel
         if not p.is_file():
@@ -278,9 +320,10 @@ def inspect_dataset(manifest_path: str | Path) -> dict[str, Any]:
         "domains": {name: stats.model_dump() for name, stats in sorted(manifest.domains.items())},
         "stages": [
             {"stage": s.stage, "docs_in": s.docs_in, "docs_out": s.docs_out, "removed": s.removed,
-             "seconds": round(s.seconds, 3)}
+             "files_in": s.files_in, "files_skipped": s.files_skipped, "seconds": round(s.seconds, 3)}
             for s in manifest.stages
         ],
+        "dedup_report": manifest.dedup_report.model_dump() if manifest.dedup_report else None,
     }
 
 
@@ -305,8 +348,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     lines.append("  stages:")
     for s in summary["stages"]:
+        files = s.get("files_in")
         lines.append(
             f"    {s['stage']:<15} in {s['docs_in']:>8,}  out {s['docs_out']:>8,}  removed {s['removed']:>7,}  "
             f"{s['seconds']:>8.2f}s"
+            + (f"  (files {files:,} ({s.get('files_skipped') or 0:,} skipped))" if files is not None else "")
         )
+    report = summary.get("dedup_report")
+    if report:
+        counts = ", ".join(f"{k} {v:,}" for k, v in report["records"].items()) or "nothing removed"
+        lines.append(f"  dedup report: {report['path']} ({counts})")
     return "\n".join(lines)

@@ -38,8 +38,12 @@ def test_prepare_inspect_verify_and_a_corrupt_shard(tmp_path: Path) -> None:
     shard.write_bytes(bytes(raw))
     bad = _helox(["data", "verify", version], tmp_path)
     assert bad.returncode == 1 and shard.name in bad.stderr
-    again = _helox(["data", "prepare", "run.yaml"], tmp_path)
-    assert again.returncode == 0 and "(reused)" in again.stdout
+    again = _helox(["data", "prepare", "run.yaml"], tmp_path)  # the corrupt copy is not reused: rebuilt
+    assert again.returncode == 0 and "(reused)" not in again.stdout
+    assert f"rebuilt: shard {shard.relative_to(shard.parents[2]).as_posix()} failed its digest" in again.stdout
+    assert _helox(["data", "verify", version], tmp_path).returncode == 0
+    third = _helox(["data", "prepare", "run.yaml"], tmp_path)
+    assert third.returncode == 0 and "(reused)" in third.stdout and "reused (verified" in third.stdout
 
 
 def test_prepare_with_a_bad_config_names_the_field(tmp_path: Path) -> None:

@@ -133,10 +133,10 @@ def test_lsh_params_favour_recall_at_the_threshold() -> None:
 
 def test_exact_dedup_keeps_first_occurrence() -> None:
     docs = [Document(t, "d", str(i)) for i, t in enumerate(["a", "b", "a", "c", "b", "a"])]
-    kept, removed = exact_dedup(docs)
+    kept, duplicates = exact_dedup(docs)
     assert [d.origin for d in kept] == ["0", "1", "3"]
-    assert removed == 3
-    assert all(len(d.digest) == 32 for d in kept)
+    assert duplicates == [(2, 0), (4, 1), (5, 0)]  # (removed, first occurrence)
+    assert all(len(d.digest) == 32 for d in docs)
 
 
 @pytest.mark.parametrize("num_perm", [64, 128])

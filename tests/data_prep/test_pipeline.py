@@ -170,6 +170,21 @@ def test_ingest_report_counts_non_utf8_and_binary(corpus_dir: Path, store: Artif
     assert details["binary_skipped"] == 1 and details["binary_files"] == ["0:blob.txt"]
 
 
+def test_ingest_report_counts_files_and_documents_separately(tmp_path: Path, store: ArtifactStore) -> None:
+    (tmp_path / "corpus").mkdir()
+    lines = [json.dumps({"text": f"Record {i}: " + code_doc(i)}) for i in range(69)]
+    (tmp_path / "corpus" / "records.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "corpus" / "blob.txt").write_bytes(b"\x00" * 10)
+    cfg = make_config(corpus=CorpusConfig(sources=[CorpusSource(path="corpus", domain="d")], roots=["corpus"]))
+    result = prepare_dataset(cfg, store, base_dir=tmp_path)
+    ingest = result.reports[0]
+    assert ingest.stage == "ingest"
+    assert (ingest.files_in, ingest.files_skipped) == (2, 1)  # one JSONL file read, one binary file skipped
+    assert (ingest.docs_in, ingest.docs_out, ingest.removed) == (69, 69, 0)
+    assert result.reports[1].docs_in == 69
+    assert "files 2 (1 skipped)" in format_summary(inspect_dataset(result.manifest_path))
+
+
 def test_empty_corpus_fails_clearly(tmp_path: Path, store: ArtifactStore) -> None:
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "blob.txt").write_bytes(b"\x00" * 10)
@@ -224,6 +239,12 @@ def test_semantic_stage_runs_with_the_real_model(corpus_dir: Path, store: Artifa
     result = prepare_dataset(cfg, store, base_dir=corpus_dir)
     sem = {r.stage: r for r in result.reports}["semantic_dedup"]
     assert sem.removed >= 1 and sem.details["pairs"] == sem.removed
+    root = result.manifest_path.parent
+    records = [json.loads(line) for line in (root / result.manifest.dedup_report.path).read_text().splitlines()]
+    semantic = [r for r in records if r["stage"] == "semantic_dedup"]
+    assert len(semantic) == sem.removed and all(r["measure"] == "cosine" for r in semantic)
+    pair = [r for r in semantic if {r["removed"], r["duplicate_of"]} == {"0:p0003.txt", "0:para.txt"}]
+    assert len(pair) == 1 and 0.97 < pair[0]["similarity"] <= 1.0 + 1e-6
 
 
 def test_inspect_summary(prepared: pipeline.PrepareResult) -> None:
