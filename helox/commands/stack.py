@@ -14,6 +14,7 @@ from shared.bus import admin
 
 from .. import common
 from ..common import console
+from ..errors import CliError
 from ..pending import over_delivered
 from ..stack import SERVICES, LocalStack
 
@@ -25,8 +26,11 @@ def up(
 ) -> None:
     """Start Redis (embedded unless HELOX_REDIS_URL is set) and the services; Ctrl-C stops all."""
     settings = common.settings(config)
-    stack = LocalStack(settings, evaluators=evaluators, config_path=config,
-                       services=[s.strip() for s in services.split(",") if s.strip()])
+    try:
+        stack = LocalStack(settings, evaluators=evaluators, config_path=config,
+                           services=[s.strip() for s in services.split(",") if s.strip()])
+    except ValueError as exc:  # an unknown service name
+        raise CliError(str(exc)) from None
     common.stop_on_signals()
     stack.start()
     console.print(f"[green]stack up[/green]: redis {stack.redis_url}; logs in {stack.log_dir}")

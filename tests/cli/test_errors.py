@@ -27,3 +27,13 @@ def test_a_message_of_one_bad_field_a_line_becomes_one_line() -> None:
     exc = ConfigError("invalid configuration in run.yaml [train]:\n  train.optim.lr: too small\n  train.seed: not an int")
     assert one_line(exc) == "invalid configuration in run.yaml [train]: train.optim.lr: too small; train.seed: not an int"
     assert one_line(CliError("no Redis")) == "no Redis"
+
+
+def test_up_with_an_unknown_service_names_it_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from helox.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["up", "--services", "trainer,traner"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "unknown service(s) ['traner']" in line
