@@ -106,11 +106,24 @@ def encode(env: Envelope[Event]) -> bytes:
 
 
 def decode_header(raw: bytes | str) -> EnvelopeHeader:
-    """Read the envelope's metadata, leaving the payload as a dict. Raises DecodeError."""
+    """Read the envelope's metadata, leaving the payload as a dict. Raises DecodeError
+    whose message names the fault: not UTF-8, not JSON, not an object, or which envelope
+    fields are missing or wrong."""
     try:
         return EnvelopeHeader.model_validate_json(raw)
     except ValidationError as exc:
-        raise DecodeError(f"not a Helox envelope: {_first_error(exc)}") from exc
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            if isinstance(raw, bytes):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    raise DecodeError(f"the body is not UTF-8 ({bad.reason} at byte {bad.start})") from exc
+            reason = str(first.get("msg", "")).removeprefix("Invalid JSON: ")
+            raise DecodeError(f"the body is not JSON ({reason})") from exc
+        if first["type"] == "model_type" and not first.get("loc"):
+            raise DecodeError("the body is JSON but not an object") from exc
+        raise DecodeError(f"not a Helox envelope: {describe(exc)}") from exc
 
 
 def decode(raw: bytes | str, expected: type[P] | None = None) -> Envelope[P]:
@@ -138,7 +151,12 @@ def decode(raw: bytes | str, expected: type[P] | None = None) -> Envelope[P]:
     return _envelope_class(cls).model_construct(**fields, payload=payload)  # type: ignore[valid-type]
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
-    return f"{loc}: {err.get('msg')}"
+def describe(exc: ValidationError, limit: int = 5) -> str:
+    """A validation error on one line: `field.path: message` per error (the first `limit`)."""
+    errors = exc.errors()
+    parts = []
+    for err in errors[:limit]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
+        parts.append(f"{loc}: {err.get('msg')}")
+    more = len(errors) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

@@ -10,9 +10,9 @@ from typing import Any
 import redis
 
 from contracts import TOPICS, DeadLetter, Envelope, ServiceHeartbeat, topic_for
-from contracts.codec import decode
+from contracts.codec import decode, decode_header
 
-from .wire import DATA_FIELD, body_of, frame
+from .wire import CONTENT_TYPE, DATA_FIELD, DLQ_TRUNCATED_KEY, body_of, frame, headers_for
 
 
 @dataclass
@@ -105,8 +105,21 @@ def dead_letters(client: redis.Redis, prefix: str, count: int = 100) -> list[tup
     return out
 
 
+def replay_headers(body: bytes) -> dict[str, str]:
+    """Frame headers for a replayed body: all the Bus writes when the body's envelope header
+    reads, else content-type alone (contracts/WIRE.md, "Headers")."""
+    try:
+        head = decode_header(body)
+    except ValueError:
+        return {"content-type": CONTENT_TYPE}
+    return headers_for(str(head.event_id), str(head.correlation_id or head.event_id), head.type)
+
+
 def replay_dead_letter(client: redis.Redis, prefix: str, entry_id: str) -> str:
-    """Put a dead letter's original entry back on its stream, then remove it from the DLQ."""
+    """Put a dead letter's original entry back on its stream, then remove it from the DLQ.
+
+    Refuses a dead letter that holds only a bounded prefix of the entry (its original was
+    too large to keep whole): replaying it would publish a different, cut message."""
     stream = topic_for(DeadLetter).stream(prefix)
     rows = client.xrange(stream, min=entry_id, max=entry_id)
     if not rows:
@@ -115,10 +128,16 @@ def replay_dead_letter(client: redis.Redis, prefix: str, entry_id: str) -> str:
     if env is None or not isinstance(env.payload, DeadLetter):
         raise ValueError(f"dead letter {entry_id} is unreadable")
     letter = env.payload
+    if DLQ_TRUNCATED_KEY in letter.original_fields:
+        raise ValueError(
+            f"dead letter {entry_id} keeps only a prefix of the original entry "
+            f"({letter.original_fields[DLQ_TRUNCATED_KEY]}): it cannot be replayed"
+        )
     fields: dict[bytes, bytes] = {}
     for k, v in letter.original_fields.items():
         if k.encode() == DATA_FIELD:
-            fields[DATA_FIELD] = frame(v.encode(), {"content-type": "application/json"})
+            body = v.encode()
+            fields[DATA_FIELD] = frame(body, replay_headers(body))
         else:
             fields[k.encode()] = v.encode()
     new_id = client.xadd(letter.original_stream, fields)

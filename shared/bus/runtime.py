@@ -14,6 +14,12 @@ While a handler runs, its entry's idle time is reset every `keepalive` seconds
 An entry that cannot be decoded, has an unknown major version or an invalid payload goes
 to the dead-letter stream at once; one whose handler fails `max_deliveries` times goes
 there too. Either way it is then acked: one bad message never stalls a consumer.
+FastStream reads an entry in two steps before any handler: its parser (entry -> message)
+and its decoder (body -> object by content-type); an exception in either comes before its
+ack logic and would leave the entry pending forever. Every subscriber the Bus registers
+therefore gets a parser that cannot fail (`_tolerant_parser`) and a decoder that does not
+decode (`_raw_decoder`): the Bus reads the entry itself (`wire.read_entry`, `codec.decode`),
+so every fault reaches `_process` and is dead-lettered with a reason.
 
 If Redis comes back empty, reads fail with NOGROUP and FastStream stops the subscriber;
 a watchdog recreates the group and starts it again.
@@ -45,13 +51,14 @@ from contracts.codec import (
     DecodeError,
     SchemaVersionError,
     decode,
+    describe,
     encode_new,
     envelope,
 )
 from shared.config import HeloxSettings
-from shared.logging import bound, get_logger
+from shared.logging import bound, get_logger, quiet_faststream_fetch_errors
 
-from .wire import DATA_FIELD, body_of, encode_entry, entry, printable_fields
+from .wire import DATA_FIELD, WireError, dead_letter_fields, encode_entry, entry, read_entry
 
 # FastStream waits 5 s after a failed read before trying again; a restarted Redis should
 # be picked up within about a second.
@@ -119,6 +126,7 @@ class Bus:
         self.prefix = settings.topic_prefix
         self.url = settings.redis_url
         self.broker = RedisBroker(self.url, **_broker_kwargs(settings))
+        quiet_faststream_fetch_errors()
         self._subs: list[_Subscription[Any]] = []
         self._routes: dict[type[Event], tuple[str, int | None]] = {}
         self._producer_json = self.producer.model_dump_json().encode()
@@ -303,6 +311,7 @@ class Bus:
                 max_records=max_records, batch=batch,
             ),
             parser=_tolerant_batch_parser if batch else _tolerant_parser,
+            decoder=_raw_decoder,
         )
         sub.reader(on_new_batch if batch else on_new)
         sub.reclaimer = self.broker.subscriber(
@@ -314,6 +323,7 @@ class Bus:
                 min_idle_time=self.settings.reclaim_idle_ms,
             ),
             parser=_tolerant_parser,
+            decoder=_raw_decoder,
         )
         sub.reclaimer(on_reclaimed)
         self._subs.append(sub)
@@ -364,15 +374,17 @@ class Bus:
         """Decode, run the handler; True when the entry may be acked (handled or dead-lettered)."""
         delivery = Delivery(sub.stream, entry_id, sub.group, self.instance, count)
         try:
-            env = decode(body_of(fields), sub.payload)
-        except DecodeError as exc:
+            body, _headers = read_entry(fields)
+            env = decode(body, sub.payload)
+        except (WireError, DecodeError) as exc:
             await self.dead_letter(delivery, fields, exc, "decode")
             return True
         except SchemaVersionError as exc:
             await self.dead_letter(delivery, fields, exc, "version")
             return True
         except ValidationError as exc:
-            await self.dead_letter(delivery, fields, exc, "schema")
+            why = f"the {sub.payload.EVENT_TYPE} payload does not match its schema: {describe(exc)}"
+            await self.dead_letter(delivery, fields, ValueError(why), "schema", event_type=sub.payload.EVENT_TYPE)
             return True
 
         token = CURRENT_EVENT.set(env)
@@ -433,7 +445,7 @@ class Bus:
         letter = DeadLetter(
             original_stream=d.stream,
             original_id=d.entry_id,
-            original_fields=printable_fields(fields),
+            original_fields=dead_letter_fields(fields),
             error=str(exc)[:4000],
             error_type=error_type,
             group=d.group,
@@ -477,9 +489,10 @@ _RAW_FIELDS = "helox_raw_fields"
 
 
 async def _tolerant_parser(msg: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
-    """FastStream's parser chokes on entries that are not its format (say, non-UTF-8 fields)
-    and then never acks them. Hand such entries to the handler with an empty body instead,
-    keeping the raw fields, so they reach the dead-letter stream like any bad message."""
+    """FastStream's parser chokes on entries that are not its format (say, an entry with no
+    __data__ and non-UTF-8 fields, which it tries to dump as JSON) and then never acks them.
+    Hand such entries to the handler with an empty body instead, keeping the raw fields, so
+    they reach the dead-letter stream like any bad message."""
     try:
         return await original(msg)
     except Exception:
@@ -498,6 +511,13 @@ async def _tolerant_batch_parser(msg: Any, original: Callable[[Any], Awaitable[A
         patched[_RAW_FIELDS] = msg["data"]
         patched["data"] = [{DATA_FIELD: b""} for _ in msg["data"]]
         return await original(patched)
+
+
+async def _raw_decoder(msg: Any) -> Any:
+    """The decoder of every Bus subscriber: the body as it is. FastStream's decoder parses
+    a JSON-typed body and raises for one that is not JSON (or not UTF-8) before the handler
+    and its ack; the Bus decodes entries itself (`_process`), so nothing may fail here."""
+    return msg.body
 
 
 class _HandlerFailed(SkipMessage):
