@@ -20,15 +20,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
+from pydantic_core import core_schema
 
-from .envelope import Envelope, Event
+from .envelope import Envelope, EnvelopeHeader, Event
 from .services import PARTICIPANTS, Participant, consumers, publishers
 from .topics import DEFAULT_PREFIX, TOPICS, Topic
 
 ASYNCAPI_VERSION = "3.0.0"
 DOCUMENT_PATH = Path(__file__).with_name("asyncapi.json")
 REGENERATE = "python -m contracts.asyncapi --write"
+
+WIRE_DOCUMENT = "contracts/WIRE.md"
+"""The byte-level description of an entry (frame layout, body, reader rules)."""
+PROVENANCE_DOCUMENT = "contracts/PROVENANCE.md"
+"""The ModelReady signature and fingerprint recipes."""
 
 WIRE_HEADERS = {
     "correlation_id": "The envelope's correlation_id (its event_id when it starts a chain).",
@@ -37,19 +43,28 @@ WIRE_HEADERS = {
     "helox-type": "The envelope's type (the payload's event type), for routing without parsing the body.",
 }
 """Headers of FastStream's binary message frame, as the Helox bus writes them."""
+REQUIRED_HEADERS = ("content-type",)
+"""What every entry's frame carries, `helox dlq replay` and hand-written entries included: the
+others are written by the Bus for every event it publishes, but the body is authoritative."""
+
+NON_FINITE = ("NaN", "Infinity", "-Infinity")
+"""How non-finite floats travel (the contract models serialise them as these strings)."""
 
 DESCRIPTION = """\
 Helox services talk only through typed events on Redis Streams. Each stream entry has one
 field, `__data__`, holding a FastStream binary message (headers + body), so any FastStream
 RedisBroker subscriber reads Helox events with no configuration; the body is the
-envelope's JSON (UTF-8).
+envelope's JSON (UTF-8). The frame's bytes, the reader's rules and what a consumer
+dead-letters are in contracts/WIRE.md (`x-wire-format`); how to verify a ModelReady
+signature and fingerprint is in contracts/PROVENANCE.md.
 
 Stream names are a deployment prefix (`helox.` by default, `HELOX_TOPIC_PREFIX`) plus
 the topic key; the addresses below use the default prefix.
 
 Schema changes are additive within a major `schema_version`: consumers ignore unknown
 fields and reject an unknown major version to the dead-letter stream (`dlq`).
-Non-finite floats travel as the strings "NaN", "Infinity" and "-Infinity".
+Non-finite floats travel as the strings "NaN", "Infinity" and "-Infinity" (the schemas say
+so: a float is `oneOf` a number or those strings, as far as its bounds allow).
 Artifacts are never in events: events carry their URI, SHA-256 and size.
 
 Delivery is at-least-once through consumer groups named after the consuming service
@@ -69,11 +84,37 @@ def _doc(obj: object) -> tuple[str, str]:
     return (text.split("\n\n", 1)[0].replace("\n", " "), text)
 
 
+class WireJsonSchema(GenerateJsonSchema):
+    """Pydantic's schemas, with floats as they travel: a number, or one of the strings
+    "NaN", "Infinity", "-Infinity" that the field's bounds let through (a field with `ge=0`
+    accepts "Infinity" only; NaN passes no bound)."""
+
+    def float_schema(self, schema: core_schema.FloatSchema) -> JsonSchemaValue:
+        number = super().float_schema(schema)
+        if schema.get("allow_inf_nan") is False:
+            return number
+        lower = schema.get("ge") is not None or schema.get("gt") is not None
+        upper = schema.get("le") is not None or schema.get("lt") is not None
+        special = [s for s, ok in zip(NON_FINITE, (not lower and not upper, not upper, not lower), strict=True) if ok]
+        if not special:
+            return number
+        return {"oneOf": [number, {"type": "string", "enum": special}]}
+
+
+def envelope_required() -> list[str]:
+    """Envelope fields a consumer requires (EnvelopeHeader's required fields): the published
+    schema requires them too, so an entry valid by the schema is never dead-lettered for
+    lacking one (Envelope itself defaults event_id and occurred_at for producers)."""
+    return [name for name, f in EnvelopeHeader.model_fields.items() if f.is_required()]
+
+
 def _schemas() -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Component schemas (payloads, shared models, one envelope per event type) and
     event type -> envelope schema name."""
     models = [(Envelope[t.payload], "validation") for t in TOPICS.values()]
-    refs, definitions = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    refs, definitions = models_json_schema(
+        models, ref_template="#/components/schemas/{model}", schema_generator=WireJsonSchema
+    )
     defs: dict[str, dict[str, Any]] = definitions.get("$defs", {})
     envelope_names: dict[str, str] = {}
     for (model, _mode), ref in refs.items():
@@ -87,14 +128,22 @@ def _schemas() -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
             f"(schema_version {payload.SCHEMA_VERSION})."
         )
         schema["properties"]["type"]["const"] = payload.EVENT_TYPE
+        schema["required"] = envelope_required()
         defs[name] = schema
         envelope_names[payload.EVENT_TYPE] = name
     defs["FastStreamHeaders"] = {
         "title": "FastStreamHeaders",
-        "description": "Headers of the FastStream binary frame in the entry's `__data__` field.",
+        "description": "Headers of the FastStream binary frame in the entry's `__data__` field "
+        f"({WIRE_DOCUMENT}). The Bus writes all of these; `helox dlq replay` writes all of them when the "
+        "replayed body is a readable envelope and content-type alone otherwise. Other headers may "
+        "appear (FastStream writes reply_to) and are ignored; the body is authoritative.",
         "type": "object",
-        "properties": {k: {"type": "string", "description": v} for k, v in WIRE_HEADERS.items()},
-        "required": list(WIRE_HEADERS),
+        "properties": {
+            k: {"type": "string", "description": v, **({"const": "application/json"} if k == "content-type" else {})}
+            for k, v in WIRE_HEADERS.items()
+        },
+        "required": list(REQUIRED_HEADERS),
+        "additionalProperties": {"type": "string"},
     }
     return dict(sorted(defs.items())), envelope_names
 
@@ -159,6 +208,15 @@ def generate(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             "description": DESCRIPTION,
         },
         "defaultContentType": "application/json",
+        "x-wire-format": {
+            "document": WIRE_DOCUMENT,
+            "field": "__data__",
+            "frame": "FastStream BinaryMessageFormatV1: magic 89 42 49 4e 0d 0a 1a 0a, u16 version 1, "
+            "u32 headers_start, u32 data_start, u16 header count, (u16 length, UTF-8 bytes) per header "
+            "key and value, body from data_start; integers big-endian",
+            "body": "the envelope as UTF-8 JSON",
+            "provenance": PROVENANCE_DOCUMENT,
+        },
         "servers": {
             "redis": {
                 "host": "redis:6379",
