@@ -10,6 +10,7 @@ from pathlib import Path
 import redis
 
 from contracts import DataPrepProgress, DeadLetter, RunRequested
+from shared.bus.wire import frame
 from shared.redis_server import RedisServer
 
 from .helpers import (
@@ -94,14 +95,21 @@ def test_bad_messages_go_to_dlq_and_consumer_carries_on(
         future["schema_version"] = "2.0"
         client.xadd(STREAM, {"__data__": json.dumps(future).encode()})
         client.xadd(STREAM, {"junk": b"\xff\xfe not even ours"})
+        # JSON-typed frames whose body is not JSON / not UTF-8: these failed in FastStream's
+        # decoder (before the ack) and stayed pending for ever.
+        client.xadd(STREAM, {"__data__": frame(b"{this is not json", {"content-type": "application/json"})})
+        client.xadd(STREAM, {"__data__": frame(b"\xff\xfe\x00", {"content-type": "application/json"})})
         failing = run_request("failing", fail=True)
         publish(client, failing)
         good = run_request("good")
         publish(client, good)
 
-        letters = wait_for(lambda: len(read_all(client, DeadLetter)) >= 5 and read_all(client, DeadLetter), timeout=30, what="5 dead letters")
+        letters = wait_for(lambda: len(read_all(client, DeadLetter)) >= 7 and read_all(client, DeadLetter), timeout=30, what="7 dead letters")
         kinds = sorted(e.payload.error_type for e in letters)
-        assert kinds == sorted(["decode", "schema", "version", "decode", "RuntimeError"])
+        assert kinds == sorted(["decode", "schema", "version", "decode", "decode", "decode", "RuntimeError"])
+        reasons = sorted(e.payload.error for e in letters if e.payload.error_type == "decode")
+        assert [r.split(" (")[0] for r in reasons] == [
+            "the body is not JSON", "the body is not JSON", "the body is not UTF-8", "the entry has no __data__ field"]
         failed = next(e.payload for e in letters if e.payload.error_type == "RuntimeError")
         assert failed.delivery_count == int(subprocess_env["HELOX_MAX_DELIVERIES"])
         assert failed.group == "worker" and failed.original_stream == STREAM
@@ -110,8 +118,14 @@ def test_bad_messages_go_to_dlq_and_consumer_carries_on(
         assert "major 2" in version.error and version.delivery_count == 1
         assert str(good.event_id) in _effects(client)
         wait_for(lambda: client.xpending(STREAM, "worker")["pending"] == 0, what="every entry acked")
+        time.sleep(1.5)  # a reclaim interval: nothing is dead-lettered twice
+        assert len(read_all(client, DeadLetter)) == 7
     finally:
         assert stop(worker) == 0
+    log = (tmp_path / "worker-a.log").read_text()
+    # No entry failed inside FastStream (parser or decoder): only the planned failure's traceback.
+    assert "JSONDecodeError" not in log and "UnicodeDecodeError" not in log
+    assert log.count("Traceback") == int(subprocess_env["HELOX_MAX_DELIVERIES"]) - 1
 
 
 def test_redis_restart_keeps_data_and_empty_restart_recovers(
@@ -145,6 +159,12 @@ def test_redis_restart_keeps_data_and_empty_restart_recovers(
         wait_for(lambda: client.xpending(STREAM, "worker")["pending"] == 0, what="the entry acked")
     finally:
         assert stop(worker) == 0
+    # While Redis was away FastStream's subscribers failed every read: one line per retry
+    # interval, never a traceback per subscriber and attempt.
+    log = (tmp_path / "worker-a.log").read_text()
+    assert "Traceback" not in log
+    outage = [line for line in log.splitlines() if "Redis read failed, retrying" in line]
+    assert outage and len(outage) <= 30, outage
 
 
 def test_sigterm_mid_handler_stops_cleanly_and_loses_nothing(
@@ -182,8 +202,6 @@ def test_unknown_fields_and_newer_minor_version_are_accepted(
         newer["schema_version"] = "1.9"
         newer["payload"]["priority"] = "high"  # a field this consumer does not know
         newer["trace"] = {"span": 1}
-        from shared.bus.wire import frame
-
         client.xadd(STREAM, {"__data__": frame(json.dumps(newer).encode(), {})})
         wait_for(lambda: newer["event_id"] in _effects(client), what="the newer-minor event to be handled")
         assert not read_all(client, DeadLetter)
