@@ -1,6 +1,7 @@
 """The common envelope every Helox event travels in, and the base of every payload.
 
-Wire format: the envelope serialised as JSON (UTF-8). Non-finite floats travel as the
+Wire format: the envelope serialised as JSON (UTF-8), in a FastStream frame in the stream
+entry's `__data__` field (byte by byte: contracts/WIRE.md). Non-finite floats travel as the
 strings "NaN", "Infinity", "-Infinity" so the payload stays valid JSON and a NaN loss
 still reaches the health monitor.
 """

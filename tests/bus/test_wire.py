@@ -16,7 +16,7 @@ import pytest
 import redis
 from faststream.redis.parser.binary import BinaryMessageFormatV1
 
-from contracts import DataPrepProgress, Envelope, TrainerCommand
+from contracts import DataPrepProgress, Envelope, TrainerAction, TrainerCommand, decode
 from shared.bus import Bus, Delivery
 from shared.bus.wire import (
     DATA_FIELD,
@@ -61,6 +61,15 @@ def _documented_recipe() -> dict[str, Any]:
 def test_the_documented_example_is_the_frame_the_bus_writes() -> None:
     assert _documented_example() == frame(b'{"k":1}', {"content-type": "application/json"})
     assert parse_frame(_documented_example()) == (b'{"k":1}', {"content-type": "application/json"})
+
+
+def test_the_documented_envelope_example_is_valid_and_decodes() -> None:
+    block = re.search(r"## 4\..*?```json\n(.*?)```", _doc(), re.S)
+    assert block, "WIRE.md lost its envelope example"
+    doc = json.loads(block.group(1))
+    assert envelope_errors(doc) == []
+    env = decode(json.dumps(doc), TrainerAction)
+    assert env.payload == TrainerAction(action="rollback", step=120, reason="loss spike")
 
 
 async def test_faststream_writes_and_reads_the_documented_frame() -> None:
