@@ -25,7 +25,7 @@ from services.data_prep.semantic import SemanticDedupError
 from services.data_prep.tokenizer import TokenizerError
 from shared.artifacts import ArtifactStore
 from shared.bus import Delivery
-from shared.data.config import data_prep_config
+from shared.data.config import DataPrepConfig, data_prep_config
 from shared.logging import get_logger
 from shared.runs import (
     RunConfigError,
@@ -66,7 +66,8 @@ def requested_config(store: ArtifactStore, request: RunRequested) -> tuple[dict[
     """The run's config and its reference; None when the file is still to be written.
 
     A reference into another store (a requester that does not share ours) is not fatal: the
-    request carries the same config inline, and the file written from it is byte-identical.
+    request carries the config inline too (for `helox run`'s requests the file written from it
+    is byte-identical to the one referenced).
     """
     if request.run_config is not None:
         try:
@@ -76,7 +77,7 @@ def requested_config(store: ArtifactStore, request: RunRequested) -> tuple[dict[
     return request_config(request), None
 
 
-def prepare_config(store: ArtifactStore, run_id: str, request: RunRequested) -> tuple[Any, ArtifactRef]:
+def prepare_config(store: ArtifactStore, run_id: str, request: RunRequested) -> tuple[DataPrepConfig, ArtifactRef]:
     """This service's sections, validated, and the run config's reference (written now when the
     request brought none, and only once those sections are valid)."""
     config, ref = requested_config(store, request)
@@ -96,7 +97,7 @@ async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], 
         return
     key = f"run:{run_id}"
     if await rt.idempotency.seen(key):
-        log.info("run already prepared; skipping redelivery", run_id=env.run_id)
+        log.info("run already prepared; skipping redelivery", run_id=run_id)
         return
     loop = asyncio.get_running_loop()
     last = {"t": 0.0, "stage": ""}
