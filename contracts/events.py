@@ -123,12 +123,16 @@ class TrainingMetrics(Event):
     """Metrics the trainer emits every `log_every` steps (telemetry, trimmed)."""
 
     EVENT_TYPE = "TrainingMetrics"
-    SCHEMA_VERSION = "1.0"
+    SCHEMA_VERSION = "1.1"
 
     step: int = Field(ge=0, description="Optimizer step just completed.")
     tokens_seen: int = Field(ge=0, description="Training tokens consumed so far.")
     loss: float = Field(description="Training loss (may be NaN/Infinity when training breaks).")
-    lr: float = Field(description="Learning rate used for this step.")
+    lr: float = Field(description="Learning rate used for this step: lr_schedule x lr_curriculum x lr_control x lr_fault.")
+    lr_schedule: float | None = Field(default=None, description="Learning rate of the warmup/cosine schedule at this step.")
+    lr_curriculum: float | None = Field(default=None, description="Batch-size LR factor, sqrt(batch / reference batch).")
+    lr_control: float | None = Field(default=None, description="Operator and policy LR cuts so far (survive rollbacks).")
+    lr_fault: float | None = Field(default=None, description="Injected lr_multiply fault factor (1 without one).")
     grad_norm: float = Field(description="Global gradient norm before clipping.")
     grad_norm_per_layer: dict[str, float] = Field(default_factory=dict, description="Gradient norm per layer.")
     loss_scale: float | None = Field(default=None, description="fp16 GradScaler scale, None when not used.")
