@@ -13,7 +13,8 @@ from pydantic import Field
 
 from .envelope import ArtifactRef, ContractModel, Event
 
-Stage = Literal["data", "train", "health", "eval", "export"]
+Stage = Literal["request", "data", "train", "health", "eval", "export"]
+"""Where a run stopped; `request`: its request was refused before any work (a bad config value)."""
 Severity = Literal["info", "warning", "critical"]
 Scalar = float | int | str | bool | None
 
@@ -50,9 +51,10 @@ class RunFailed(Event):
     """A run stopped for good in some stage."""
 
     EVENT_TYPE = "RunFailed"
-    SCHEMA_VERSION = "1.0"
+    SCHEMA_VERSION = "1.1"
 
-    stage: Stage = Field(description="Stage in which the run failed.")
+    stage: Stage = Field(description="Stage in which the run failed; `request`: the request was refused "
+                         "before any work, `reason` naming each bad field (`section.field`).")
     reason: str = Field(description="What went wrong, in words a user can act on.")
     error_type: str = Field(default="", description="Exception class or error code.")
     retriable: bool = Field(default=False, description="Whether a retry could succeed.")
@@ -374,3 +376,105 @@ class DeadLetter(Event):
     consumer: str = Field(description="Consumer that dead-lettered it.")
     delivery_count: int = Field(ge=0, description="Deliveries before it was dead-lettered.")
     event_type: str | None = Field(default=None, description="Event type, if the envelope could be read.")
+
+
+# --- retrieval (RAG-aware training; Cyrex serves it over Synapse) ----------------------
+
+
+class RetrieverHeartbeat(Event):
+    """A retriever (a Cyrex instance) announces itself and what it serves (telemetry, trimmed).
+
+    Requesters discover retrievers by reading the newest heartbeats: one newer than
+    3 x `interval_s` means the instance is alive and serves `request_topic`.
+    """
+
+    EVENT_TYPE = "RetrieverHeartbeat"
+    SCHEMA_VERSION = "1.0"
+
+    name: str = Field(description="Retriever name, e.g. 'cyrex'.")
+    instance: str = Field(description="Instance name (stable per process).")
+    version: str = Field(description="The retriever's software version.")
+    index_digest: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 identifying the index it serves.")
+    index_chunks: int = Field(ge=0, description="Chunks in the index.")
+    index_documents: int = Field(ge=0, description="Source documents in the index.")
+    method: Literal["bm25", "dense", "hybrid"] = Field(default="bm25", description="How it ranks chunks.")
+    embedding_model: str | None = Field(default=None, description="Embedding model name (dense or hybrid only).")
+    max_k: int = Field(gt=0, description="Most chunks it returns per query.")
+    request_topic: str = Field(default="retrieval.requested",
+                               description="Topic key (without the deployment prefix) it serves requests on.")
+    status: Literal["ready", "indexing", "stopping"] = Field(default="ready", description="Whether it answers now.")
+    interval_s: float = Field(default=5.0, gt=0, description="Seconds between heartbeats.")
+
+
+class RetrievalQuery(ContractModel):
+    """One query of a retrieval request."""
+
+    query_id: str = Field(min_length=1, description="Id unique within the request; results carry it back.")
+    text: str = Field(description="The query text.")
+    k: int = Field(gt=0, le=256, description="Chunks wanted (a retriever may return fewer, up to its max_k).")
+    exclude_source_ids: list[str] = Field(
+        default_factory=list, description="Source documents whose chunks must not be returned (leakage control)."
+    )
+
+
+class RetrievalRequested(Event):
+    """A batch of retrieval queries (request/reply over Synapse, correlated by `request_id`).
+
+    At-least-once: a retriever may see a request twice and answers it again with the same
+    `request_id`; requesters keep the first answer. A request past its `deadline` is not
+    answered (the requester has already fallen back).
+    """
+
+    EVENT_TYPE = "RetrievalRequested"
+    SCHEMA_VERSION = "1.0"
+
+    request_id: str = Field(min_length=1, description="Correlates the RetrievalCompleted answer.")
+    requester: str = Field(description="Instance that asks, e.g. 'data-prep-1'.")
+    queries: list[RetrievalQuery] = Field(min_length=1, description="The queries, answered together.")
+    deadline: datetime = Field(description="UTC time after which an answer is useless.")
+    retriever: str | None = Field(default=None, description="Instance asked for; None: any instance.")
+
+
+class RetrievedChunk(ContractModel):
+    """One retrieved chunk."""
+
+    chunk_id: str = Field(description="The chunk's id in the retriever's index.")
+    source_id: str = Field(description="Id of the document it comes from (what exclude_source_ids names).")
+    text: str = Field(description="The chunk's text.")
+    score: float = Field(description="Retrieval score (higher is better; scale is the retriever's).")
+
+
+class RetrievalResult(ContractModel):
+    """The answer to one query: chunks, best first, or an error."""
+
+    query_id: str = Field(description="The query answered.")
+    chunks: list[RetrievedChunk] = Field(default_factory=list, description="Chunks, best first.")
+    error: str | None = Field(default=None, description="Why this query could not be answered, if it could not.")
+
+
+class RetrievalCompleted(Event):
+    """A retriever's answer to one RetrievalRequested."""
+
+    EVENT_TYPE = "RetrievalCompleted"
+    SCHEMA_VERSION = "1.0"
+
+    request_id: str = Field(min_length=1, description="The request answered.")
+    retriever: str = Field(description="Retriever name, e.g. 'cyrex'.")
+    instance: str = Field(description="Instance that answered.")
+    index_digest: str = Field(pattern=r"^[0-9a-f]{64}$", description="Index the chunks come from.")
+    results: list[RetrievalResult] = Field(description="One result per query of the request.")
+    elapsed_ms: float = Field(default=0.0, ge=0, description="Time the retriever spent on the request.")
+    error: str | None = Field(default=None, description="Why the whole request failed, if it did.")
+
+
+class RetrievalFallback(Event):
+    """A requester stopped using a retriever and fell back to another (a warning, never silent)."""
+
+    EVENT_TYPE = "RetrievalFallback"
+    SCHEMA_VERSION = "1.0"
+
+    stage: Stage = Field(description="Stage that fell back: data (packing) or eval.")
+    from_retriever: str | None = Field(description="Retriever given up on (instance), None when none was found.")
+    to_retriever: str = Field(description="Retriever used instead, e.g. 'local-bm25'.")
+    reason: str = Field(description="Why: not discovered in time, timed out, malformed results, died.")
+    queries: int = Field(ge=0, description="Queries the fallback answers.")

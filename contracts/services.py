@@ -89,7 +89,11 @@ SERVICES: dict[str, Participant] = {
             "data_prep",
             "Turns a run request into a versioned, deduplicated, tokenized dataset.",
             consumes=("runs.requested",),
-            publishes=("data.progress", "data.dataset-ready", "runs.failed"),
+            # RAG packing: finds retrievers by their heartbeats, sends requests and reads the
+            # answers (XREAD from the id it asked at, filtered by request id: no group).
+            reads=("retrieval.heartbeat", "retrieval.completed"),
+            publishes=("data.progress", "data.dataset-ready", "runs.failed", "retrieval.requested",
+                       "retrieval.fallback"),
         ),
         _service(
             "trainer",
@@ -121,8 +125,9 @@ SERVICES: dict[str, Participant] = {
             "evaluator",
             "Evaluates each checkpoint once (N instances share one consumer group).",
             consumes=("train.checkpoint-saved",),
-            publishes=("eval.completed", "runs.failed"),
-            reads=("runs.requested",),
+            publishes=("eval.completed", "runs.failed", "retrieval.requested", "retrieval.fallback"),
+            # Retrieval-conditioned suites ask retrievers as data-prep does.
+            reads=("runs.requested", "retrieval.heartbeat", "retrieval.completed"),
         ),
         _service(
             "exporter",
@@ -161,10 +166,12 @@ CLIENTS: dict[str, Participant] = {
         Participant(
             name="cyrex",
             kind="client",
-            description="Cyrex (outside Helox): consumes published models; may read every other "
-            "stream. Redis ACLs cannot tell consumer groups apart, so Cyrex gets consumer-group "
-            "commands only on streams no Helox service consumes.",
-            consumes=("export.model-ready",),
+            description="Cyrex (outside Helox): consumes published models, serves retrieval "
+            "requests and announces itself; may read every other stream. Redis ACLs cannot tell "
+            "consumer groups apart, so Cyrex gets consumer-group commands only on streams no Helox "
+            "service consumes.",
+            consumes=("export.model-ready", "retrieval.requested"),
+            publishes=("retrieval.heartbeat", "retrieval.completed"),
             reads=tuple(TOPICS),
         ),
     )

@@ -53,6 +53,12 @@ _TOPICS = [
     Topic("export.model-ready", ev.ModelReady, KEPT, "An exported model is published."),
     Topic("services.heartbeat", ev.ServiceHeartbeat, Retention("trimmed", 10_000), "Service liveness."),
     Topic("dlq", ev.DeadLetter, KEPT, "Dead letters: messages that could not be handled."),
+    Topic("retrieval.heartbeat", ev.RetrieverHeartbeat, Retention("trimmed", 10_000), "Retrievers (Cyrex) announce themselves."),
+    # Request/reply traffic: an entry trimmed before it was read only times out, and the
+    # requester falls back; nothing of the run depends on keeping these.
+    Topic("retrieval.requested", ev.RetrievalRequested, Retention("trimmed", 100_000), "Batches of retrieval queries."),
+    Topic("retrieval.completed", ev.RetrievalCompleted, Retention("trimmed", 100_000), "Answers to retrieval requests."),
+    Topic("retrieval.fallback", ev.RetrievalFallback, KEPT, "A requester fell back to another retriever."),
 ]
 
 TOPICS: dict[str, Topic] = {t.key: t for t in _TOPICS}

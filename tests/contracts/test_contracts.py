@@ -52,19 +52,27 @@ ARCHITECTURE_TOPICS = {
     "export.model-ready",
     "services.heartbeat",
     "dlq",
+    # RAG-aware training: Cyrex announces itself and answers retrieval requests.
+    "retrieval.heartbeat",
+    "retrieval.requested",
+    "retrieval.completed",
+    "retrieval.fallback",
 }
 ARCHITECTURE_SERVICES = {
     # service: (consumes, publishes besides heartbeats and dead letters)
-    "data-prep": ({"runs.requested"}, {"data.progress", "data.dataset-ready", "runs.failed"}),
+    "data-prep": ({"runs.requested"}, {"data.progress", "data.dataset-ready", "runs.failed", "retrieval.requested",
+                                       "retrieval.fallback"}),
     "trainer": (
         {"data.dataset-ready", "health.alerts", "train.commands"},
         {"train.started", "train.metrics", "train.checkpoint-saved", "train.actions", "train.completed", "runs.failed"},
     ),
     "health-monitor": ({"train.metrics", "train.started", "train.completed", "runs.failed", "train.actions"}, {"health.alerts"}),
-    "evaluator": ({"train.checkpoint-saved"}, {"eval.completed", "runs.failed"}),
+    "evaluator": ({"train.checkpoint-saved"}, {"eval.completed", "runs.failed", "retrieval.requested",
+                                                "retrieval.fallback"}),
     "exporter": ({"eval.completed", "train.completed"}, {"export.model-ready", "runs.failed"}),
 }
-TRIMMED = {"train.metrics", "services.heartbeat", "data.progress"}
+TRIMMED = {"train.metrics", "services.heartbeat", "data.progress", "retrieval.heartbeat", "retrieval.requested",
+           "retrieval.completed"}
 
 PRODUCER = Producer(service="trainer", instance="trainer-test-1")
 
@@ -117,7 +125,9 @@ def test_who_publishes_and_consumes_what_follows_the_architecture() -> None:
     assert set(cli.reads) == set(TOPICS) and cli.consumes == () and cli.deletes == ("dlq",)
     # A dead letter goes back to where it came from: a stream some service consumes.
     assert set(cli.replays) == {k for s in SERVICES.values() for k in s.consumes}
-    assert set(cyrex.reads) == set(TOPICS) and cyrex.publishes == () and cyrex.consumes == ("export.model-ready",)
+    assert set(cyrex.reads) == set(TOPICS)
+    assert set(cyrex.publishes) == {"retrieval.heartbeat", "retrieval.completed"}
+    assert set(cyrex.consumes) == {"export.model-ready", "retrieval.requested"}
     # Every topic a service consumes has a producer (no dangling subscription).
     produced = {k for p in (*SERVICES.values(), *CLIENTS.values()) for k in p.publishes}
     for s in SERVICES.values():
