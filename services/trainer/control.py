@@ -119,9 +119,10 @@ class ControlPolicy:
         self.rollbacks = 0
         self.spikes: deque[int] = deque()
         self.handled: tuple[int, int] | None = None
-        """Steps [start, end] of the last incident answered by a rollback: further alerts that
-        start inside it describe the same incident (another detector, a late arrival) and are
-        only recorded, so one incident costs one rollback and one LR cut."""
+        """Steps [start, end] of the last incident answered by a rollback: a further alert whose
+        window overlaps it describes the same incident (another detector, a late arrival, in
+        either order) and is only recorded, so one incident costs one rollback, one LR cut and
+        one skip. The window grows to cover what the duplicates name."""
 
     def decide(self, item: Alert | Command, step: int) -> list[Action]:
         if isinstance(item, Command):
@@ -171,10 +172,11 @@ class ControlPolicy:
         if names is None:
             names = RECOMMENDED.get(a.recommended_action or "record", ["record"])
 
-        if self.handled and self.handled[0] <= start <= self.handled[1] and set(names) & {"rollback", "scale_lr"}:
-            return [Action(ActionKind.RECORD, f"{what}; already handled by the rollback for steps "
-                           f"{self.handled[0]}-{self.handled[1]}", {"duplicate_of_incident": True},
-                           alert_event_id=a.event_id)]
+        if self._overlaps_handled(start, end) and set(names) & {"rollback", "scale_lr"}:
+            h0, h1 = self.handled
+            self.handled = (min(h0, start), max(h1, end))
+            return [Action(ActionKind.RECORD, f"{what}; already handled by the rollback for steps {h0}-{h1}",
+                           {"duplicate_of_incident": True}, alert_event_id=a.event_id)]
         if "rollback" in names:
             if self.rollbacks >= self.cfg.max_rollbacks:
                 return [Action(ActionKind.HALT, f"{what}; {self.rollbacks} rollbacks already (max_rollbacks="
@@ -198,6 +200,11 @@ class ControlPolicy:
             else:
                 actions.append(Action(ActionKind(name), what, {}, alert_event_id=a.event_id))
         return actions
+
+    def _overlaps_handled(self, start: int, end: int) -> bool:
+        # Overlap, not containment of the start: the loop's own alert after 5 non-finite steps
+        # names 257-261 while the monitor's names 260-260, and either may arrive first.
+        return self.handled is not None and start <= self.handled[1] and end >= self.handled[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "spikes": list(self.spikes),

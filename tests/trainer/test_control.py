@@ -98,3 +98,21 @@ def test_policy_state_round_trips():
     q = ControlPolicy()
     q.load_state_dict(p.state_dict())
     assert q.rollbacks == 1 and list(q.spikes) == [3]
+
+
+@pytest.mark.parametrize("loop_first", [True, False], ids=["loop-alert-first", "monitor-alert-first"])
+def test_overlapping_alerts_of_one_incident_cost_one_rollback_one_lr_cut_and_one_skip(loop_first):
+    # Issue 15: a NaN at step 257. The loop's own alert after 5 non-finite steps names 257-261, the
+    # health monitor's names 260-260; both are decided before step 262, in either order.
+    loop = Alert("non_finite", "critical", 257, 261, "rollback_cut_lr", "5 consecutive non-finite steps (loop)")
+    monitor = Alert("non_finite", "critical", 260, 260, "rollback_cut_lr", event_id="m1")
+    p = ControlPolicy()
+    first, second = (loop, monitor) if loop_first else (monitor, loop)
+    assert kinds(p.decide(first, 261)) == [ActionKind.ROLLBACK, ActionKind.SKIP_DATA, ActionKind.SCALE_LR]
+    (dup,) = p.decide(second, 261)
+    assert dup.kind is ActionKind.RECORD and "already handled" in dup.reason and dup.params["duplicate_of_incident"]
+    assert p.rollbacks == 1
+    # A late third detector naming any part of either window is the same incident too.
+    assert kinds(p.decide(Alert("divergence", step_start=257, step_end=258), 262)) == [ActionKind.RECORD]
+    # Steps after the incident are a new one.
+    assert kinds(p.decide(Alert("non_finite", step_start=262, step_end=262), 262))[0] is ActionKind.ROLLBACK

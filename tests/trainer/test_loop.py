@@ -128,6 +128,28 @@ def test_the_closed_loop_rolls_back_skips_the_window_and_cuts_the_lr(source, tmp
     assert trainer.data.cursor == 10 * 8 + 16  # the bad window was stepped over
 
 
+def test_the_monitor_s_alert_and_the_loop_s_own_about_one_nan_cost_one_rollback(source, tmp_path):
+    # Issue 15 in the loop: NaN from step 5, three non-finite steps raise the loop's alert for 5-7,
+    # and the monitor's alert for 6-6 reached the inbox first (during step 7).
+    sent = []
+
+    def monitor_alert(t):
+        if not sent:  # the monitor alerts once; the rollback replays step 7
+            sent.append(True)
+            t.submit(Alert("non_finite", "critical", 6, 6, "rollback_cut_lr", "monitor"))
+
+    rec = Recorder(at={7: monitor_alert})
+    cfg = make_config(max_steps=10, checkpoint={"every": 2}, faults={"nan_param_step": 5},
+                      stability={"max_consecutive_skips": 3})
+    trainer = Trainer(cfg, source(), tmp_path, callbacks=[rec])
+    res = trainer.fit()
+    assert [a.kind for a in rec.actions] == [ActionKind.ROLLBACK, ActionKind.SKIP_DATA, ActionKind.SCALE_LR,
+                                             ActionKind.RECORD]
+    assert rec.actions[0].params["restored_step"] == 4 and "already handled" in rec.actions[-1].reason
+    assert res.rollbacks == 1 and trainer.ledger.lr_scale == 0.5 and len(trainer.ledger.skip_ranges) == 1
+    assert res.status == "completed" and res.final_step == 10
+
+
 def test_a_rollback_without_any_checkpoint_halts(source, tmp_path):
     cfg = make_config(max_steps=10, faults={"nan_param_step": 2}, stability={"max_consecutive_skips": 2})
     res = fit(cfg, source(), tmp_path)
