@@ -26,6 +26,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from shared.artifacts import sha256_bytes, sha256_file
+from shared.logging import get_logger
 
 FORMAT = "helox-checkpoint/1"
 MODEL_FILE = "model.safetensors"
@@ -45,6 +47,8 @@ STATE_TENSORS_FILE = "state.safetensors"
 STATE_JSON_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 _PREFIX = "step-"
+
+log = get_logger("helox.checkpoint")
 
 
 class CheckpointError(Exception):
@@ -516,17 +520,24 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
     return sorted(out, key=lambda i: i.step)
 
 
-def latest_valid_checkpoint(root: str | os.PathLike[str], *, before_step: int | None = None) -> Path | None:
+def latest_valid_checkpoint(
+    root: str | os.PathLike[str], *, before_step: int | None = None,
+    on_corrupt: Callable[[CheckpointCorruptError], None] | None = None,
+) -> Path | None:
     """The newest checkpoint (optionally with step < before_step) whose files match its manifest.
 
-    Corrupt ones are skipped, so a damaged last checkpoint falls back to the previous one.
+    Corrupt ones are skipped, so a damaged last checkpoint falls back to the previous one; each
+    skip is logged as a warning and handed to `on_corrupt`, so that the caller can report it.
     """
     for info in reversed(list_checkpoints(root)):
         if before_step is not None and info.step >= before_step:
             continue
         try:
             verify_checkpoint(info.path)
-        except CheckpointCorruptError:
+        except CheckpointCorruptError as exc:
+            log.warning("checkpoint.corrupt_skipped", path=str(exc.path), file=exc.file, reason=exc.reason)
+            if on_corrupt is not None:
+                on_corrupt(exc)
             continue
         return info.path
     return None

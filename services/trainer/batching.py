@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import NoiseScaleConfig
 
@@ -41,6 +43,27 @@ def find_micro_batch_size(trial: Callable[[int], None], start: int, *, empty_cac
         "a micro-batch of 1 sequence does not fit in device memory; shorten batch.seq_len, "
         "use a smaller model, or shard it (distributed.strategy: fsdp, cpu_offload: true)"
     )
+
+
+def auto_micro_batch_size(model: nn.Module, autocast: Callable[[], Any], per_rank: int, seq_len: int,
+                          device: torch.device, *, all_ranks_min: Callable[[int], int] = lambda n: n) -> int:
+    """`batch.micro_batch_size: auto`: the largest that fits on this GPU (8 at most elsewhere).
+
+    all_ranks_min: the smallest over ranks, so that every rank runs the same micro-batch.
+    """
+    if device.type != "cuda":
+        return max(1, min(per_rank, 8))
+    vocab = model.config.vocab_size
+
+    def trial(size: int) -> None:
+        ids = torch.randint(0, vocab, (size, seq_len), device=device)
+        with autocast():
+            logits = model(ids)  # [B, T, V]
+        F.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+
+    return all_ranks_min(find_micro_batch_size(trial, per_rank, empty_cache=torch.cuda.empty_cache))
 
 
 class NoiseScale:

@@ -1,62 +1,57 @@
-"""The training loop: wires the components; each concern lives in its own module.
+"""The training loop: the optimizer step, and the components it wires (each concern lives in its module).
 
     Trainer(config, data, out_dir, ...).fit(resume=None | "latest" | path) -> TrainingResult
     run_training(config, data, out_dir, ...)                                  (the same, one call)
 
-One step: apply control decisions -> plan (curriculum) -> fetch micro-batches -> forward/
-backward under autocast -> unscale -> global/per-layer grad norms -> refuse non-finite
-steps or clip -> optimizer step -> hooks (step_end, probe, log, eval, checkpoint).
+`step()`: the controller applies what arrived (controller.py), then `train_step()`: plan
+(curriculum) -> learning rate (lr.py) -> fetch micro-batches -> forward/backward under autocast
+-> unscale -> global/per-layer grad norms -> refuse non-finite steps or clip (stability.py) ->
+optimizer step. Then the `step_end` hooks, and the components that keep their own cadence:
+probes (probes.py), evaluation (evaluation.py), metrics, checkpoints (checkpointing.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import queue
 import random
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.checkpoint import (
-    Checkpoint,
-    CheckpointInfo,
-    CheckpointNotFoundError,
-    latest_valid_checkpoint,
-    list_checkpoints,
-    remove_checkpoints_after,
-)
+from shared.checkpoint import Checkpoint, CheckpointNotFoundError, list_checkpoints
 from shared.logging import get_logger
 from shared.model import Llama
 
-from .batching import NoiseScale, find_micro_batch_size
+from .batching import NoiseScale, auto_micro_batch_size
 from .checkpointing import TrainCheckpointer
 from .config import TrainConfig
-from .control import Action, ActionKind, Alert, Command, ControlError, ControlPolicy
+from .control import Action, ActionKind, Alert, Command, ControlPolicy
+from .controller import Controller, Ledger, Status
 from .curriculum import Curriculum, StepPlan
 from .data import BatchSource
 from .distributed import DistContext, build_optimizer, init_distributed, wrap_model
+from .evaluation import Evaluator
 from .faults import FaultInjector
 from .hooks import Callback, Event, Hooks
+from .lr import LRFactors, LRPolicy
 from .metrics import StructlogEmitter, Throughput, WandbEmitter, device_peak_flops, finite_or_none, mfu
 from .mixing import OnlineDomainMixer
 from .optim import LRSchedule, set_lr
 from .precision import Precision, resolve_precision
-from .probes import ProbeContext, default_probes
-from .stability import GradNorms, StabilityGuard
+from .probes import ProbeRunner, default_probes
+from .stability import GradNorms, StabilityGuard, StepVerdict
 
 log = get_logger("helox.trainer")
 
 STATE_FORMAT = 1
-_HISTORY = 50_000  # steps of per-step loss and data-cursor history kept in memory
-Status = Literal["completed", "stopped", "halted"]
+_HISTORY = 50_000  # steps of per-step loss history kept in memory
 
 
 class TrainingError(RuntimeError):
@@ -77,6 +72,7 @@ class StepResult:
     clip_coef: float
     domain_loss: dict[str, float]
     skip_reason: str = ""
+    lr_factors: LRFactors | None = None
 
 
 @dataclass
@@ -95,6 +91,7 @@ class TrainingResult:
     wall_time_s: float
     reason: str = ""
     losses: dict[int, float] = field(default_factory=dict)
+    skipped_checkpoints: list[Path] = field(default_factory=list)  # corrupt ones a resume passed over
 
 
 @dataclass
@@ -106,14 +103,6 @@ class TrainState:
     last_val_step: int | None = None
     best_val_loss: float | None = None
     probe_values: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Ledger:
-    """Control-side state that survives rollbacks (but is saved in checkpoints for resumes)."""
-
-    lr_scale: float = 1.0
-    skip_ranges: list[list[int]] = field(default_factory=list)  # [start, end) global sample cursors
 
 
 class Trainer:
@@ -153,7 +142,6 @@ class Trainer:
         self.raw_model: Llama = raw
         self.model: nn.Module = wrap_model(raw, self.ctx, config.distributed)
         self.optimizer = build_optimizer(self.model, config.optim, self.ctx)
-        self.schedule = LRSchedule(config.optim, config.max_steps)
 
         self.curriculum = Curriculum(config.batch, config.curriculum, world_size=self.ctx.world_size,
                                      micro_batch=self._micro_batch_size())
@@ -165,11 +153,11 @@ class Trainer:
         if self.mixer is not None:
             data.set_weights(self.mixer.as_dict())
         self.faults = FaultInjector(config.faults)
-        self._fault_lr_scale = 1.0
-        self.policy = policy or ControlPolicy(config.control)
-        self.ledger = Ledger()
+        self.controller = Controller(self, policy or ControlPolicy(config.control))
+        self.lr = LRPolicy(LRSchedule(config.optim, config.max_steps), self.faults, self.controller.ledger)
         self.state = TrainState()
-        self.checkpointer = TrainCheckpointer(self.out_dir / config.checkpoint.dirname, config.checkpoint, self.ctx)
+        self.checkpointer = TrainCheckpointer(self.out_dir / config.checkpoint.dirname, config.checkpoint, self.ctx,
+                                              self.model, self.optimizer, self._checkpoint_state)
 
         cbs: list[Callback] = []
         if config.probes.enabled:
@@ -181,67 +169,39 @@ class Trainer:
             if config.log.wandb.mode != "disabled":
                 cbs.append(WandbEmitter(config.log.wandb, self.out_dir, config.model_dump(mode="json"), run_id))
         self.hooks = Hooks([*cbs, *callbacks])
+        self.prober = ProbeRunner(config.probes, raw, data.domains, self.hooks, self, device=self.device,
+                                  autocast=self.precision.autocast, compiled=config.compile)
+        self.evaluator = Evaluator(config.eval, val_data, raw, self.ctx, autocast=self.precision.autocast)
 
         self.peak_flops = config.peak_flops or device_peak_flops(self.device, self.precision.mode)
-        self._inbox: queue.Queue[Alert | Command | Action] = queue.Queue()
-        self._requested_checkpoint: tuple[str, str] | None = None  # set by signal handlers: no locks
-        self._requested_stop: tuple[str, str] | None = None
-        self._stop_checkpoint_reason = "command"
-        self._paused = False
-        self._stop: tuple[Status, str] | None = None
-        self._val_initial = val_data.state_dict() if val_data is not None else None
-        self._cursor_history: dict[int, tuple[int, int]] = {}  # step -> global sample cursors, recent steps
-        self._pre_rollback_cursor: int | None = None
-        self._applied_plan: tuple[int, int] | None = None
-        self._throughput = Throughput()
+        self.throughput = Throughput()
         self._interval: list[StepResult] = []
-        self._checkpoints_written: list[CheckpointInfo] = []
-        self._last_ckpt_step: int | None = None
+        self._applied_plan: tuple[int, int] | None = None
+        self._last_batch: dict[str, torch.Tensor] = {}
         self._resumed_from: int | None = None
         self.losses: dict[int, float] = {}
+
+    @property
+    def policy(self) -> ControlPolicy:
+        return self.controller.policy
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.controller.ledger
 
     # --- thread-safe entry points -------------------------------------------------------------
 
     def submit(self, item: Alert | Command | Action) -> None:
         """Queue an alert, a command or a ready action; applied between steps (rank 0's queue rules)."""
-        if not isinstance(item, (Alert, Command, Action)):
-            raise ControlError(f"submit takes an Alert, a Command or an Action, not {type(item).__name__}")
-        self._inbox.put(item)
+        self.controller.submit(item)
 
     def request_checkpoint(self, reason: str = "signal", *, kind: str = "signal") -> None:
         """Checkpoint between steps. kind is the checkpoint's reason in events: 'signal' or 'command'."""
-        self._requested_checkpoint = (reason, kind)
+        self.controller.request_checkpoint(reason, kind=kind)
 
     def request_stop(self, reason: str = "signal", *, kind: str = "signal") -> None:
         """Checkpoint, then stop (what SIGTERM should do); the result carries `reason`."""
-        self._requested_stop = (reason, kind)
-
-    # --- setup helpers --------------------------------------------------------------------
-
-    def _micro_batch_size(self) -> int:
-        per_rank = self.config.batch.global_batch_size // self.ctx.world_size
-        mb = self.config.batch.micro_batch_size
-        if mb != "auto":
-            return mb
-        if self.device.type != "cuda":
-            return max(1, min(per_rank, 8))
-        T, V = self.config.batch.seq_len, self.model_config.vocab_size
-
-        def trial(size: int) -> None:
-            ids = torch.randint(0, V, (size, T), device=self.device)
-            with self.precision.autocast():
-                logits = self.raw_model(ids)
-            F.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
-            self.raw_model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize(self.device)
-
-        size = find_micro_batch_size(trial, per_rank, empty_cache=torch.cuda.empty_cache)
-        if self.ctx.active:  # every rank uses the smallest that fits anywhere
-            t = torch.tensor([-size], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            size = -int(t.item())
-        log.info("trainer.micro_batch", micro_batch_size=size, per_rank_batch=per_rank)
-        return size
+        self.controller.request_stop(reason, kind=kind)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -258,23 +218,29 @@ class Trainer:
     def start(self, resume: str | Path | None = None, *, expected_digest: str | None = None) -> None:
         """Restore (when resuming) and fire `train_start`; `fit` = start + step until None + finish."""
         self._t0 = time.perf_counter()
+        path = None
         if resume is not None:
             path = self.checkpointer.resolve(resume)
             self._restore(self.checkpointer.load(path, expected_digest=expected_digest), keep_ledger=False)
             self._resumed_from = self.state.step
-            self._last_ckpt_step = self.state.step
-        elif self.config.checkpoint.at_start:
-            self._save("rollback-point")
+        else:
+            self.checkpointer.maybe_save_initial()
         self.hooks.fire(Event.TRAIN_START, self, resumed_from=self._resumed_from)
-        self._throughput = Throughput()
+        for corrupt in self.checkpointer.skipped:  # on the audit trail, not only in a log line
+            self.controller.announce(Action(
+                ActionKind.RECORD, f"resume passed over the corrupt checkpoint {corrupt.path} ({corrupt.file}: "
+                f"{corrupt.reason}) and resumed from {path}",
+                {"corrupt_checkpoint": str(corrupt.path), "corrupt_file": corrupt.file, "resumed_from": str(path)}))
+        self.throughput = Throughput()
 
     def step(self) -> StepResult | None:
         """Apply pending control, then run one step with its hooks; None once the run is over."""
-        if self._stop is None:
-            self._apply_control()
-        if self._stop is None and self.state.step >= self.config.max_steps:
-            self._stop = ("completed", f"reached max_steps={self.config.max_steps}")
-        if self._stop is not None:
+        control = self.controller
+        if control.stop is None:
+            control.apply()
+        if control.stop is None and self.state.step >= self.config.max_steps:
+            control.stop = ("completed", f"reached max_steps={self.config.max_steps}")
+        if control.stop is not None:
             return None
         result = self.train_step()
         self._after_step(result)
@@ -282,11 +248,11 @@ class Trainer:
 
     def finish(self) -> TrainingResult:
         """Final checkpoint (unless halted), wait for writes, fire `train_end`; returns the result."""
-        status, reason = self._stop or ("stopped", "finished before max_steps")
-        if status != "halted" and self._last_ckpt_step != self.state.step:
-            self._save("final" if status == "completed" else self._stop_checkpoint_reason)
-        self.checkpointer.wait()
-        self._poll_checkpoints()
+        status, reason = self.controller.stop or ("stopped", "finished before max_steps")
+        if status != "halted" and self.checkpointer.last_step != self.state.step:
+            why = "final" if status == "completed" else self.controller.stop_checkpoint_reason
+            self.checkpointer.save(self.state.step, why)
+        self.settle_checkpoints()
         result = self._result(status, reason, time.perf_counter() - self._t0)
         self.hooks.fire(Event.TRAIN_END, self, result=result)
         return result
@@ -302,30 +268,78 @@ class Trainer:
         t_step = time.perf_counter()
         plan = self.curriculum.plan(step)
         self._apply_plan(plan)
-        if (factor := self.faults.lr_factor(step)) is not None:
-            # Kept apart from the ledger: the fault is damage that a rollback undoes, whereas
-            # the ledger (operator and policy LR cuts) survives rollbacks.
-            self._fault_lr_scale *= factor
-            log.warning("trainer.fault", fault="lr_multiply", step=step, factor=factor)
+        lr = self.lr.at(step, plan)
+        set_lr(self.optimizer, lr.lr)
         if (name := self.faults.poison(self.raw_model, step)) is not None:
             log.warning("trainer.fault", fault="nan_param", step=step, parameter=name)
-        lr = self.schedule(step) * plan.lr_scale * self.ledger.lr_scale * self._fault_lr_scale
-        set_lr(self.optimizer, lr)
 
+        batches = self._fetch(step, plan.accum)
+        stats, n_tok, g_small_sq = self._forward_backward(step, batches)
+        loss_value = float(stats[0]) / n_tok
+        verdict = self._apply_gradients(loss_value)
+
+        if self.noise is not None and g_small_sq is not None and verdict.applied:
+            # Per-sequence units: B_small = one micro-batch on one rank, B_big = the global batch.
+            self.noise.update(g_small_sq, plan.micro_batch, verdict.grad_norm ** 2, plan.global_batch)
+        domain_loss = self._domain_loss(stats)
+        tokens = plan.global_batch * plan.seq_len
+        self.state.step = step
+        self.state.tokens += tokens
+        self.state.last_loss = loss_value
+        self.losses[step] = loss_value
+        if len(self.losses) > 2 * _HISTORY:
+            self.losses = {s: v for s, v in self.losses.items() if s > step - _HISTORY}
+        self._last_batch = batches[-1]
+        self._injected_slowdown(step, t_step)
+        return StepResult(step, loss_value, verdict.applied, verdict.grad_norm, verdict.per_layer, lr.lr, tokens,
+                          plan.seq_len, plan.global_batch, verdict.clip_coef, domain_loss, verdict.reason, lr)
+
+    def _after_step(self, r: StepResult) -> None:
+        step = r.step
+        self.throughput.add(r.tokens)
+        self._interval.append(r)
+        if not r.applied:
+            log.warning("trainer.step_skipped", step=step, reason=r.skip_reason, skipped_steps=self.guard.skipped_steps)
+        self.hooks.fire(Event.STEP_END, self, result=r)
+        if (alert := self.guard.non_finite_alert(step)) is not None and self.ctx.is_main:
+            self.submit(alert)  # rank 0's inbox is broadcast to the others
+        self._adapt_data(step, r.global_batch)
+        if (values := self.prober.maybe_probe(step, self._last_batch)) is not None:
+            self.state.probe_values.update(values)
+        if self.evaluator.due(step):
+            self.evaluate()
+        if step % self.config.log.every == 0 or step == self.config.max_steps:
+            self._log(step)
+        self.checkpointer.maybe_save(step, applied=r.applied, skip_reason=r.skip_reason)
+        self._announce_checkpoints()
+
+    # --- pieces of a step -----------------------------------------------------------------
+
+    def _apply_plan(self, plan: StepPlan) -> None:
+        key = (plan.seq_len, plan.micro_batch)
+        if key != self._applied_plan:
+            self.data.set_seq_len(plan.seq_len)
+            self.data.set_batch_size(plan.micro_batch)
+            self._applied_plan = key
+
+    def _fetch(self, step: int, n: int) -> list[dict[str, torch.Tensor]]:
+        """The step's micro-batches, past any data window the ledger skips."""
         c0 = self.data.cursor
         batches = []
-        for _ in range(plan.accum):
-            self._skip_bad_ranges()
+        for _ in range(n):
+            self.ledger.skip(self.data)
             batch = next(self.data)
             self.hooks.fire(Event.BATCH, self, batch=batch, step=step)
             batches.append(batch)
-        self._cursor_history[step] = (c0, self.data.cursor)
-        if len(self._cursor_history) > 2 * _HISTORY:  # alerts name recent windows; forget the distant past
-            self._cursor_history = {s: c for s, c in self._cursor_history.items() if s > step - _HISTORY}
+        self.controller.note_window(step, c0, self.data.cursor)
         if (corrupted := self.faults.corrupt_batches(batches, step, self.model_config.vocab_size)) is not None:
             log.warning("trainer.fault", fault="corrupt_batch", step=step)
             batches = corrupted
+        return batches
 
+    def _forward_backward(self, step: int, batches: list[dict[str, torch.Tensor]]
+                          ) -> tuple[torch.Tensor, float, float | None]:
+        """Gradients of the step's loss; returns (loss/domain stats, tokens counted, |g_small|^2 or None)."""
         masks = [b["loss_mask"].float() if "loss_mask" in b else torch.ones(b["labels"].shape) for b in batches]
         n_local = sum(float(m.sum()) for m in masks)
         n_tok = float(self.ctx.all_reduce_sum(torch.tensor([n_local], dtype=torch.float64, device=self.device)).item())
@@ -362,84 +376,46 @@ class Trainer:
             if self.noise is not None and i == 0 and len(batches) > 1:
                 g_small_sq = self._micro_grad_sq(float(mask.sum()), n_tok)
         self.ctx.all_reduce_sum(stats)
-        loss_value = float(stats[0]) / n_tok
+        return stats, n_tok, g_small_sq
 
+    def _apply_gradients(self, loss_value: float) -> StepVerdict:
+        """Unscale, check and clip (the guard), then step unless the guard refused."""
         self.precision.unscale_(self.optimizer)
         verdict = self.guard.check_and_clip(loss_value)
         if verdict.applied:
             self.precision.step(self.optimizer)
         self.precision.update()
         self.optimizer.zero_grad(set_to_none=True)
+        return verdict
 
-        if self.noise is not None and g_small_sq is not None and verdict.applied:
-            # Per-sequence units: B_small = one micro-batch on one rank, B_big = the global batch.
-            self.noise.update(g_small_sq, plan.micro_batch, verdict.grad_norm ** 2, plan.global_batch)
-        domain_loss = {}
-        if K > 1:
-            sums, counts = stats[1:1 + K].tolist(), stats[1 + K:].tolist()
-            domain_loss = {d: s / c for d, s, c in zip(self.data.domains, sums, counts, strict=True) if c > 0}
-            if self.mixer is not None:
-                self.mixer.observe(dict(zip(self.data.domains, sums, strict=True)),
-                                   dict(zip(self.data.domains, counts, strict=True)))
-        tokens = plan.global_batch * plan.seq_len
-        self.state.step = step
-        self.state.tokens += tokens
-        self.state.last_loss = loss_value
-        self.losses[step] = loss_value
-        if len(self.losses) > 2 * _HISTORY:
-            self.losses = {s: v for s, v in self.losses.items() if s > step - _HISTORY}
-        self._last_batch = batches[-1]
+    def _domain_loss(self, stats: torch.Tensor) -> dict[str, float]:
+        """Per-domain mean loss of the step (and the online mixer's observation of it)."""
+        K = len(self.data.domains)
+        if K <= 1:
+            return {}
+        sums, counts = stats[1:1 + K].tolist(), stats[1 + K:].tolist()
+        if self.mixer is not None:
+            self.mixer.observe(dict(zip(self.data.domains, sums, strict=True)),
+                               dict(zip(self.data.domains, counts, strict=True)))
+        return {d: s / c for d, s, c in zip(self.data.domains, sums, counts, strict=True) if c > 0}
+
+    def _injected_slowdown(self, step: int, t_step: float) -> None:
         first = "slowdown" not in self.faults.fired
         if (slow := self.faults.slowdown(step)) > 1.0:
             if first:
                 log.warning("trainer.fault", fault="slowdown", step=step, factor=slow)
             time.sleep((slow - 1.0) * (time.perf_counter() - t_step))
-        return StepResult(step, loss_value, verdict.applied, verdict.grad_norm, verdict.per_layer, lr, tokens,
-                          plan.seq_len, plan.global_batch, verdict.clip_coef, domain_loss, verdict.reason)
 
-    def _after_step(self, r: StepResult) -> None:
+    def _adapt_data(self, step: int, global_batch: int) -> None:
+        """Online domain mixing and noise-scale batch growth, each on its own cadence."""
         cfg = self.config
-        step = r.step
-        self._throughput.add(r.tokens)
-        self._interval.append(r)
-        if not r.applied:
-            log.warning("trainer.step_skipped", step=step, reason=r.skip_reason, skipped_steps=self.guard.skipped_steps)
-        self.hooks.fire(Event.STEP_END, self, result=r)
-        if self.guard.consecutive_skips >= cfg.stability.max_consecutive_skips:
-            # The loop's own alarm, decided by the same policy as the health monitor's alerts.
-            n = self.guard.consecutive_skips
-            self.guard.consecutive_skips = 0
-            if self.ctx.is_main:  # rank 0's inbox is broadcast to the others
-                self.submit(Alert("non_finite", "critical", step - n + 1, step, "rollback_cut_lr",
-                                  f"{n} consecutive non-finite steps (loop)"))
         if self.mixer is not None and step % cfg.mixing.update_every == 0:
             self.data.set_weights(self.mixer.update())
-        if self.noise is not None and self.noise.should_grow(step, r.global_batch):
+        if self.noise is not None and self.noise.should_grow(step, global_batch):
             new = self.curriculum.grow(step, 2, cfg.curriculum.noise_scale.max_global_batch_size)
             if new is not None:
                 self.noise.last_growth_step = step
                 log.info("trainer.batch_grow", step=step, global_batch=new, noise_scale=self.noise.value)
-        if cfg.probes.enabled and step % cfg.probes.every == 0:
-            self._probe(step)
-        if cfg.eval.every and self.val_data is not None and step % cfg.eval.every == 0:
-            self.evaluate()
-        if step % cfg.log.every == 0 or step == cfg.max_steps:
-            self._log(step)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            if r.applied:
-                self._save("interval")
-            else:  # a non-finite step: the state may be poisoned, and a rollback target must be good
-                log.warning("trainer.checkpoint_skipped", step=step, reason=r.skip_reason)
-        self._poll_checkpoints()
-
-    # --- pieces of a step -----------------------------------------------------------------
-
-    def _apply_plan(self, plan: StepPlan) -> None:
-        key = (plan.seq_len, plan.micro_batch)
-        if key != self._applied_plan:
-            self.data.set_seq_len(plan.seq_len)
-            self.data.set_batch_size(plan.micro_batch)
-            self._applied_plan = key
 
     def _sync_context(self, last: bool):
         """Gradient sync only on the last micro-batch of a step."""
@@ -456,51 +432,35 @@ class Trainer:
         scale = n_tok / (self.ctx.world_size * max(n_micro, 1.0))
         return (total * scale) ** 2
 
-    def _skip_bad_ranges(self) -> None:
-        for start, end in self.ledger.skip_ranges:
-            if start <= self.data.cursor < end:
-                self.data.skip(end - self.data.cursor)
+    def _micro_batch_size(self) -> int:
+        per_rank = self.config.batch.global_batch_size // self.ctx.world_size
+        mb = self.config.batch.micro_batch_size
+        if mb != "auto":
+            return mb
 
-    def _probe(self, step: int) -> None:
-        n = self.config.probes.batch_size
-        batch = {k: v[:n].to(self.device) for k, v in self._last_batch.items()}
-        ctx = ProbeContext(self.raw_model, batch, step, self.data.domains, self.config.probes.dead_unit_ratio,
-                           self.precision.autocast)
-        was_training = self.raw_model.training
-        self.raw_model.eval()
-        try:
-            stance = torch.compiler.set_stance("force_eager") if self.config.compile else contextlib.nullcontext()
-            with stance, torch.no_grad():
-                self.hooks.fire(Event.PROBE, self, ctx=ctx)
-        finally:
-            self.raw_model.train(was_training)
-        self.state.probe_values.update(ctx.values)
+        def smallest_over_ranks(size: int) -> int:
+            if not self.ctx.active:
+                return size
+            t = torch.tensor([-size], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return -int(t.item())
 
-    @torch.no_grad()
+        size = auto_micro_batch_size(self.raw_model, self.precision.autocast, per_rank, self.config.batch.seq_len,
+                                     self.device, all_ranks_min=smallest_over_ranks)
+        log.info("trainer.micro_batch", micro_batch_size=size, per_rank_batch=per_rank)
+        return size
+
+    # --- evaluation and metrics -------------------------------------------------------------
+
     def evaluate(self) -> float:
         """Mean masked loss over `eval.batches` validation micro-batches (the same ones every time)."""
         if self.val_data is None:
             raise TrainingError("evaluate() needs a val_data batch source")
-        self._throughput.pause()
-        self.val_data.load_state_dict(self._val_initial)
-        self.raw_model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.throughput.pause()  # evaluation time is not training throughput
         try:
-            for _ in range(self.config.eval.batches):
-                b = next(self.val_data)
-                ids, labels = b["input_ids"].to(self.device), b["labels"].to(self.device)
-                mask = (b["loss_mask"].float().to(self.device) if "loss_mask" in b
-                        else torch.ones_like(labels, dtype=torch.float32))
-                with self.precision.autocast():
-                    logits = self.raw_model(ids)  # FSDP2 shards in place: its hooks still gather the weights
-                tok = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-                total[0] += (tok * mask).sum().double()
-                total[1] += mask.sum().double()
+            val = self.evaluator.evaluate()
         finally:
-            self.raw_model.train()
-            self._throughput.resume()
-        self.ctx.all_reduce_sum(total)
-        val = float(total[0] / total[1].clamp_min(1))
+            self.throughput.resume()
         self.state.last_val_loss, self.state.last_val_step = val, self.state.step
         if math.isfinite(val) and (self.state.best_val_loss is None or val < self.state.best_val_loss):
             self.state.best_val_loss = val
@@ -508,7 +468,7 @@ class Trainer:
         return val
 
     def _log(self, step: int) -> None:
-        rate = self._throughput.rate()
+        rate = self.throughput.rate()
         interval, self._interval = self._interval, []
         if not self.ctx.is_main or not interval:
             return
@@ -523,6 +483,7 @@ class Trainer:
             "loss": r.loss,
             "loss_avg": sum(x.loss for x in interval) / len(interval),
             "lr": r.lr,
+            **(r.lr_factors.metrics() if r.lr_factors is not None else {}),
             "grad_norm": r.grad_norm,
             "grad_norm_per_layer": dict(r.grad_norm_per_layer),
             "clip_coef": r.clip_coef,
@@ -538,7 +499,6 @@ class Trainer:
             "val_loss": self.state.last_val_loss if self.state.last_val_step is not None
             and self.state.last_val_step > step - self.config.log.every else None,
             "data_cursor": self.data.cursor,
-            "lr_scale": self.ledger.lr_scale,
         }
         if self.noise is not None:
             metrics["noise_scale"] = self.noise.value
@@ -548,8 +508,15 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------
 
-    def _training_state(self) -> dict[str, Any]:
-        return {
+    def _checkpoint_state(self, reason: str) -> tuple[dict[str, Any], float | None, dict[str, Any]]:
+        """What the checkpointer saves besides model, optimizer and RNG: (state, metric, meta)."""
+        last = self.state.last_loss
+        finite = last is None or math.isfinite(last)
+        meta = {"reason": reason, "tokens": self.state.tokens, "train_loss": last if finite else None,
+                "finite": finite,  # manifest.json stays strict JSON (no NaN)
+                "val_loss": finite_or_none(self.state.last_val_loss), "val_step": self.state.last_val_step,
+                "dataset_version": self.config.dataset_version, "run_id": self.run_id}
+        state = {
             "format": STATE_FORMAT,
             "step": self.state.step,
             "tokens": self.state.tokens,
@@ -562,6 +529,7 @@ class Trainer:
             "dataset_version": self.config.dataset_version,
             "world_size": self.ctx.world_size,
             "scheduler": {"kind": "warmup_cosine", "step": self.state.step},  # a pure function of the step
+            "lr": self.lr.state_dict(),
             "precision": self.precision.state_dict(),
             "data": self.data.state_dict(),
             "curriculum": self.curriculum.state_dict(),
@@ -569,36 +537,24 @@ class Trainer:
             "noise_scale": self.noise.state_dict() if self.noise is not None else None,
             "mixing": self.mixer.state_dict() if self.mixer is not None else None,
             "callbacks": self.hooks.state_dict(),
-            "ledger": {
-                "lr_scale": self.ledger.lr_scale,
-                "skip_ranges": self.ledger.skip_ranges,
-                "policy": self.policy.state_dict(),
-                "faults": self.faults.state_dict(),
-            },
+            "ledger": {**self.controller.state_dict(), "faults": self.faults.state_dict()},
         }
+        return state, self.state.last_val_loss, meta
 
-    def _save(self, reason: str) -> Future | None:
-        """Collect and snapshot (all ranks); rank 0 queues the write. The stall counts in tokens/s."""
-        metric = self.state.last_val_loss
-        last = self.state.last_loss
-        finite = last is None or math.isfinite(last)
-        meta = {"reason": reason, "tokens": self.state.tokens, "train_loss": last if finite else None,
-                "finite": finite,  # manifest.json stays strict JSON (no NaN)
-                "val_loss": finite_or_none(metric), "val_step": self.state.last_val_step,
-                "dataset_version": self.config.dataset_version, "run_id": self.run_id}
-        fut = self.checkpointer.save(self.state.step, self.model, self.optimizer, self._training_state(),
-                                     metric=metric, meta=meta)
-        self._last_ckpt_step = self.state.step
-        return fut
+    def settle_checkpoints(self) -> None:
+        """Wait for every pending write, then fire `checkpoint` for each."""
+        self.checkpointer.wait()
+        self._announce_checkpoints()
 
-    def _poll_checkpoints(self) -> None:
-        writer = self.checkpointer.writer
-        if writer is None:
-            return
-        for fut in writer.done():
-            info: CheckpointInfo = fut.result()  # a failed write raises here, in the loop
-            self._checkpoints_written.append(info)
+    def _announce_checkpoints(self) -> None:
+        for info in self.checkpointer.finished():  # a failed write raises here, in the loop
             self.hooks.fire(Event.CHECKPOINT, self, info=info, reason=info.meta.get("reason", "interval"))
+
+    def rewind(self, ckpt: Checkpoint) -> None:
+        """Back to a checkpoint of this run (a rollback): the ledger stays, the injected LR fault goes."""
+        self._restore(ckpt, keep_ledger=True)
+        self.lr.undo_fault()
+        self.losses = {s: v for s, v in self.losses.items() if s <= self.state.step}
 
     def _restore(self, ckpt: Checkpoint, *, keep_ledger: bool) -> None:
         s = ckpt.state
@@ -606,7 +562,7 @@ class Trainer:
             raise TrainingError(f"{ckpt.path} has trainer state format {s.get('format')}, expected {STATE_FORMAT}")
         if s["model_config"] != self.model_config.model_dump(mode="json"):
             raise TrainingError(f"{ckpt.path} holds a different model ({s['model_config']}); resume with the same model config")
-        self.checkpointer.restore(ckpt, self.model, self.optimizer)
+        self.checkpointer.restore(ckpt)
         self.precision.load_state_dict(s["precision"])
         self.data.load_state_dict(s["data"])
         self.curriculum.load_state_dict(s["curriculum"])
@@ -621,133 +577,20 @@ class Trainer:
         self.state.last_val_loss, self.state.last_val_step = s.get("last_val_loss"), s.get("last_val_step")
         if not keep_ledger:
             led = s.get("ledger", {})
-            self.ledger = Ledger(float(led.get("lr_scale", 1.0)), [list(r) for r in led.get("skip_ranges", [])])
-            self.policy.load_state_dict(led.get("policy", {}))
+            self.controller.load_state_dict(led)
             self.faults.load_state_dict(led.get("faults", {}))
+            self.lr.load_state_dict(s.get("lr", {}))
         self._applied_plan = None
         self.optimizer.zero_grad(set_to_none=True)
         if s.get("dataset_version") != self.config.dataset_version:
             log.warning("trainer.dataset_version_changed", checkpoint=s.get("dataset_version"),
                         config=self.config.dataset_version)
 
-    # --- control ----------------------------------------------------------------------------
-
-    def _drain_inbox(self) -> list[Alert | Command | Action]:
-        items: list[Alert | Command | Action] = []
-        while True:
-            try:
-                items.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        if (req := self._requested_checkpoint) is not None:
-            self._requested_checkpoint = None
-            items.append(Action(ActionKind.CHECKPOINT, req[0], {"checkpoint_reason": req[1]}))
-        if (req := self._requested_stop) is not None:
-            self._requested_stop = None
-            items.append(Action(ActionKind.STOP, req[0], {"checkpoint_reason": req[1]}))
-        if self.ctx.active:
-            items = self.ctx.broadcast_objects(items)  # rank 0 decides for everyone
-        return items
-
-    def _apply_control(self) -> None:
-        while True:
-            for item in self._drain_inbox():
-                try:
-                    actions = [item] if isinstance(item, Action) else self.policy.decide(item, self.state.step)
-                except ControlError as exc:  # a malformed command must not end the run: refuse it, on record
-                    log.error("trainer.control_refused", item=repr(item), error=str(exc))
-                    actions = [Action(ActionKind.RECORD, f"refused: {exc}", {},
-                                      getattr(item, "event_id", None) if isinstance(item, Alert) else None,
-                                      getattr(item, "event_id", None) if isinstance(item, Command) else None)]
-                for action in actions:
-                    self._apply_action(action)
-                    if self._stop is not None:
-                        return
-            if not self._paused:
-                return
-            time.sleep(0.2)
-
-    def _announce(self, action: Action, **details: Any) -> None:
-        if details:
-            action = Action(action.kind, action.reason, {**action.params, **details}, action.alert_event_id,
-                            action.command_event_id)
-        log.info("trainer.action", action=action.kind.value, why=action.reason, step=self.state.step,
-                 details=action.params)
-        if self.ctx.is_main:
-            self.hooks.fire(Event.ACTION, self, action=action)
-
-    def _apply_action(self, action: Action) -> None:
-        k = action.kind
-        if k is ActionKind.ROLLBACK:
-            self._rollback(action)
-        elif k is ActionKind.SKIP_DATA:
-            self._skip_data(action)
-        elif k is ActionKind.SCALE_LR:
-            self.ledger.lr_scale *= float(action.params["factor"])
-            self._announce(action, lr_scale=self.ledger.lr_scale)
-        elif k is ActionKind.PAUSE:
-            self._paused = True
-            self._throughput.pause()
-            self._announce(action)
-        elif k is ActionKind.RESUME:
-            if self._paused:
-                self._throughput.resume()
-            self._paused = False
-            self._announce(action)
-        elif k is ActionKind.CHECKPOINT:
-            self._save(action.params.get("checkpoint_reason", "command"))
-            self._announce(action)
-        elif k is ActionKind.STOP:
-            self._stop = ("stopped", action.reason)
-            self._stop_checkpoint_reason = action.params.get("checkpoint_reason", "command")
-            self._announce(action)
-        elif k is ActionKind.HALT:
-            self._stop = ("halted", action.reason)
-            self._announce(action)
-        else:
-            self._announce(action)
-
-    def _rollback(self, action: Action) -> None:
-        before = action.params.get("before_step")
-        self.checkpointer.wait()
-        self._poll_checkpoints()
-        root = self.checkpointer.root
-        path = latest_valid_checkpoint(root, before_step=before) if self.ctx.is_main else None
-        path = self.ctx.broadcast_objects([path])[0]
-        if path is None:
-            where = f" before step {before}" if before is not None else ""
-            self._stop = ("halted", f"{action.reason}; no valid checkpoint{where} to roll back to")
-            self._announce(Action(ActionKind.HALT, self._stop[1], {}, action.alert_event_id, action.command_event_id))
-            return
-        from_step, self._pre_rollback_cursor = self.state.step, self.data.cursor
-        self._restore(self.checkpointer.load(path), keep_ledger=True)
-        self._fault_lr_scale = 1.0
-        if self.ctx.is_main:
-            remove_checkpoints_after(root, self.state.step)  # the abandoned timeline
-        self.losses = {s: v for s, v in self.losses.items() if s <= self.state.step}
-        self._last_ckpt_step = self.state.step
-        self._announce(action, from_step=from_step, restored_step=self.state.step, checkpoint=str(path))
-
-    def _skip_data(self, action: Action) -> None:
-        p = action.params
-        if "samples" in p:  # ahead of the current position
-            start, end = self.data.cursor, self.data.cursor + int(p["samples"])
-        else:
-            window = [self._cursor_history[s] for s in range(int(p["step_start"]), int(p["step_end"]) + 1)
-                      if s in self._cursor_history]
-            if window:
-                start, end = min(w[0] for w in window), max(w[1] for w in window)
-            else:  # steps not seen by this process (resumed since): skip what the rollback rewound
-                start, end = self.data.cursor, self._pre_rollback_cursor or self.data.cursor
-        if end > start:
-            self.ledger.skip_ranges.append([start, end])
-        self._announce(action, cursor_start=start, cursor_end=end)
-
     # --- result ---------------------------------------------------------------------------
 
     def _result(self, status: Status, reason: str, wall: float) -> TrainingResult:
         infos = list_checkpoints(self.checkpointer.root)
-        written = [i for i in self._checkpoints_written if i.path.exists()]
+        written = [i for i in self.checkpointer.written if i.path.exists()]
         last = written[-1] if written else (infos[-1] if infos else None)
         best = None
         scored = [i for i in infos if i.metric is not None]
@@ -768,6 +611,7 @@ class Trainer:
             wall_time_s=wall,
             reason=reason,
             losses=dict(self.losses),
+            skipped_checkpoints=[c.path for c in self.checkpointer.skipped],
         )
 
 

@@ -3,6 +3,7 @@
 Every probe is a `Callback` on the `probe` event (some also watch `batch`). They share one
 no-grad forward over the probe batch (`ProbeContext.capture`), which collects per-layer
 statistics through forward hooks, so the cost is one small forward per probe interval.
+`ProbeRunner.maybe_probe(step, batch)` keeps the cadence and fires the event.
 
 Values (flat names, as they appear in the metrics' `probes` dict):
     ppl                      token-level perplexity of the probe batch
@@ -17,7 +18,9 @@ Values (flat names, as they appear in the metrics' `probes` dict):
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +30,8 @@ import torch.nn.functional as F
 
 from shared.model.llama import Llama
 
-from .hooks import Callback
+from .config import ProbeConfig
+from .hooks import Callback, Event, Hooks
 
 _MAX_LOGIT_ELEMENTS = 1 << 25  # 32M fp32 logits (128 MiB) per probe chunk
 
@@ -285,3 +289,33 @@ def default_probes(vocab_size: int, *, rare_token_quantile: float = 0.5, baselin
         RareTokenProbe(vocab_size, rare_token_quantile, baseline),
         TokenDriftProbe(vocab_size, baseline),
     ]
+
+
+class ProbeRunner:
+    """Fires the `probe` event every `probes.every` steps on the first rows of the step's last micro-batch.
+
+    `owner` is what the callbacks receive as `trainer`.
+    """
+
+    def __init__(self, cfg: ProbeConfig, model: Llama, domains: list[str], hooks: Hooks, owner: Any, *,
+                 device: torch.device, autocast: Callable[[], Any], compiled: bool) -> None:
+        self.cfg, self.model, self.domains, self.hooks, self.owner = cfg, model, domains, hooks, owner
+        self.device, self.autocast, self.compiled = device, autocast, compiled
+
+    def maybe_probe(self, step: int, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        """The values the probes recorded at this step, or None when it is not a probe step."""
+        if not self.cfg.enabled or step % self.cfg.every:
+            return None
+        n = self.cfg.batch_size
+        sample = {k: v[:n].to(self.device) for k, v in batch.items()}
+        ctx = ProbeContext(self.model, sample, step, self.domains, self.cfg.dead_unit_ratio, self.autocast)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # Probe hooks on a compiled block would recompile it: run the probe forward eagerly.
+            stance = torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
+            with stance, torch.no_grad():
+                self.hooks.fire(Event.PROBE, self.owner, ctx=ctx)
+        finally:
+            self.model.train(was_training)
+        return ctx.values

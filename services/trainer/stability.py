@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import StabilityConfig
+from .control import Alert
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -141,6 +142,16 @@ class StabilityGuard:
         if self.adaptive is not None:
             self.adaptive.observe(total)
         return StepVerdict(True, total, per_layer, threshold, coef)
+
+    def non_finite_alert(self, step: int) -> Alert | None:
+        """After `max_consecutive_skips` non-finite steps in a row, the loop's own alert (the control
+        policy decides what to do, as for the health monitor's alerts); None otherwise."""
+        n = self.consecutive_skips
+        if n < self.cfg.max_consecutive_skips:
+            return None
+        self.consecutive_skips = 0
+        return Alert("non_finite", "critical", step - n + 1, step, "rollback_cut_lr",
+                     f"{n} consecutive non-finite steps (loop)")
 
     def state_dict(self) -> dict[str, Any]:
         return {

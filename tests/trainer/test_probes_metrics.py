@@ -9,6 +9,7 @@ import pytest
 import structlog
 import torch
 
+from contracts.events import TrainingMetrics
 from services.trainer.config import WandbConfig
 from services.trainer.control import Command
 from services.trainer.data import InMemoryBatchSource
@@ -18,7 +19,7 @@ from services.trainer.metrics import FunctionEmitter, StructlogEmitter, WandbEmi
 from services.trainer.probes import ProbeContext, kl_js
 from shared.model import Llama, model_preset
 
-from .helpers import DATA_VOCAB, VOCAB, make_config
+from .helpers import DATA_VOCAB, VOCAB, Recorder, make_config
 
 REQUIRED = {"step", "tokens_seen", "loss", "lr", "grad_norm", "grad_norm_per_layer", "loss_scale", "skipped_steps",
             "tokens_per_s", "mfu", "seq_len", "batch_size", "probes", "domain_loss", "val_loss", "data_cursor"}
@@ -41,6 +42,27 @@ def test_metrics_carry_every_field_and_probe_values(source, tmp_path):
     assert 1 < p["ppl"] < 2 * VOCAB
     assert {"rare_mass_pred", "rare_mass_data", "rare_mass_ratio", "token_kl", "token_js"} <= set(p)
     assert any(k.startswith("domain_loss/") for k in p)
+
+
+def test_every_lr_factor_is_reported_and_their_product_is_the_lr(source, tmp_path):
+    seen = []
+    cfg = make_config(max_steps=6, log={"every": 1}, optim={"lr": 1e-2, "warmup_steps": 0, "schedule": "constant"},
+                      curriculum={"batch_ramp": [(0, 4), (5, 8)]},
+                      faults={"lr_multiply_step": 3, "lr_multiply_factor": 10.0})
+    cut = Recorder(at={3: lambda t: t.submit(Command("scale_lr", 0.5))})  # applied before step 4
+    Trainer(cfg, source(), tmp_path, callbacks=[FunctionEmitter(seen.append), cut]).fit()
+    by_step = {m["step"]: m for m in seen}
+    factors = {s: (m["lr_schedule"], m["lr_curriculum"], m["lr_control"], m["lr_fault"]) for s, m in by_step.items()}
+    half = math.sqrt(4 / 8)  # batch 4 against the reference 8
+    assert factors[2] == pytest.approx((1e-2, half, 1.0, 1.0))
+    assert factors[3] == pytest.approx((1e-2, half, 1.0, 10.0))
+    assert factors[4] == pytest.approx((1e-2, half, 0.5, 10.0))
+    assert factors[6] == pytest.approx((1e-2, 1.0, 0.5, 10.0))
+    for m in seen:
+        assert m["lr"] == pytest.approx(m["lr_schedule"] * m["lr_curriculum"] * m["lr_control"] * m["lr_fault"])
+    # They travel on the bus: the contract carries each factor.
+    event = TrainingMetrics.model_validate({k: v for k, v in by_step[4].items() if k in TrainingMetrics.model_fields})
+    assert (event.lr_schedule, event.lr_curriculum, event.lr_control, event.lr_fault) == pytest.approx(factors[4])
 
 
 def test_token_drift_is_measured_against_the_baseline(domains, tmp_path):
