@@ -163,6 +163,25 @@ def test_adaptive_clip_threshold_follows_recent_norms():
     assert clipper.threshold() == t
 
 
+def test_the_guard_clips_at_the_adaptive_threshold_once_it_has_the_history():
+    w = nn.Parameter(torch.zeros(2))
+    cfg = StabilityConfig(clip_norm=10.0, adaptive_clip=True, adaptive_min_history=5, adaptive_sigma=2.0)
+    guard = StabilityGuard(cfg, GradNorms([("w", w)]))
+    for norm in [1.0, 1.2, 0.8, 1.1, 0.9]:  # under both thresholds: applied as they are, and remembered
+        w.grad = torch.tensor([norm, 0.0])
+        verdict = guard.check_and_clip(loss=1.0)
+        assert verdict.applied and verdict.clip_threshold == 10.0 and verdict.clip_coef == 1.0
+    # Mean 1.0; sample variance (0 + 0.04 + 0.04 + 0.01 + 0.01) / 4 = 0.025: threshold 1 + 2 * sqrt(0.025).
+    threshold = 1.0 + 2.0 * math.sqrt(0.025)  # ~1.316
+    w.grad = torch.tensor([3.0, 4.0])  # norm 5: under the static cap of 10, over the adaptive threshold
+    verdict = guard.check_and_clip(loss=1.0)
+    assert verdict.applied and verdict.grad_norm == pytest.approx(5.0)
+    assert verdict.clip_threshold == pytest.approx(threshold)
+    assert verdict.clip_coef == pytest.approx(threshold / 5.0, rel=1e-5)
+    assert w.grad.norm().item() == pytest.approx(threshold, rel=1e-5)
+    assert list(guard.adaptive.history)[-1] == pytest.approx(5.0)  # the unclipped norm joins the history
+
+
 # --- precision --------------------------------------------------------------------------------
 
 
