@@ -21,6 +21,7 @@ USER_ERRORS: dict[str, tuple[str, ...]] = {
     "shared.data.dataset": ("DatasetError",),
     "shared.data.manifest": ("ManifestError", "ShardCorruptError"),
     "shared.model.config": ("UnknownPresetError",),
+    "shared.runs": ("RunConfigError", "RunConfigMissingError"),
     "contracts.codec": ("DecodeError", "SchemaVersionError"),
     "services.data_prep.ingest": ("CorpusError",),
     "services.data_prep.tokenizer": ("TokenizerError",),
