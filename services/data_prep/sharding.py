@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from services.data_prep.ingest import Document
-from services.data_prep.tokenizer import EOS_ID, load_tokenizer
+from services.data_prep.tokenizer import EOS_ID, DocumentEncoder, load_tokenizer
 from shared.data.manifest import DomainStats, ShardInfo
 
 _CHUNK_BYTES = 1 << 19  # text per worker task: amortises pickling, small enough to balance 2+ workers
 
-_SP_CACHE: dict[str, object] = {}  # per worker process: model file digest -> processor
+_ENCODERS: dict[str, DocumentEncoder] = {}  # per worker process: model file digest -> encoder
 
 
 def _split_hash(digest: bytes, seed: int) -> int:
@@ -56,10 +56,10 @@ class EncodedChunk:
 def encode_task(args: tuple[str, str, list[str], list[bytes], list[int], int, float, str, int]) -> EncodedChunk:
     """Pool task: tokenize one chunk of documents (each worker loads the model file once)."""
     model_path, model_digest, texts, digests, domains, seed, val_fraction, dtype, vocab = args
-    sp = _SP_CACHE.get(model_digest)
-    if sp is None:
-        sp = _SP_CACHE[model_digest] = load_tokenizer(model_path)
-    ids = sp.encode(texts, num_threads=1)
+    encoder = _ENCODERS.get(model_digest)
+    if encoder is None:
+        encoder = _ENCODERS[model_digest] = DocumentEncoder(load_tokenizer(model_path))
+    ids = encoder.encode(texts)
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
     pos = 0

@@ -114,3 +114,117 @@ def special_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
 def token_dtype(vocab_size: int) -> str:
     """uint16 when every id fits, else uint32."""
     return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+# --- fast encoding: line by line, each distinct line once -------------------------------
+#
+# sentencepiece encodes a whole document as one sequence; on Python source that runs at
+# ~4 MB/s per core. When no piece of the vocabulary contains "\n" (training lines never do),
+# no merge crosses a newline, so a document's ids are the ids of its lines joined by the ids
+# of "\n" -- provided the normaliser works line-locally: identity normalisation, no dummy
+# prefix, no whitespace collapsing (Helox's own options). Lines repeat a lot in code (about
+# 40% of the stdlib's), and short inputs encode faster per byte than long ones: encoding each
+# distinct line once is ~2.5x faster than sp.encode over whole documents, with identical ids.
+# Models that do not qualify (a reused external model, say) are encoded whole.
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _proto_fields(buf: bytes) -> dict[int, list[int | bytes]]:
+    """The fields of one protobuf message (wire format), by number; enough to read sentencepiece specs."""
+    fields: dict[int, list[int | bytes]] = {}
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        value: int | bytes
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 1:
+            value, i = buf[i : i + 8], i + 8
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i : i + n], i + n
+        elif wire == 5:
+            value, i = buf[i : i + 4], i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+
+
+def model_spec(sp: spm.SentencePieceProcessor) -> dict[str, object]:
+    """What line-by-line encoding depends on, read from the serialized ModelProto: the
+    TrainerSpec's model_type (field 2.3, default unigram) and the NormalizerSpec's name,
+    add_dummy_prefix and remove_extra_whitespaces (fields 3.1, 3.3, 3.4; booleans default true)."""
+    model = _proto_fields(sp.serialized_model_proto())
+    trainer = _proto_fields(model[2][0]) if 2 in model else {}  # type: ignore[arg-type]
+    spec = _proto_fields(model[3][0]) if 3 in model else {}  # type: ignore[arg-type]
+    name = spec.get(1, [b""])[0]
+    return {
+        "model_type": _MODEL_TYPES.get(int(trainer.get(3, [1])[0]), "unknown"),  # type: ignore[call-overload]
+        "normalizer": name.decode() if isinstance(name, bytes) else "",
+        "add_dummy_prefix": bool(spec.get(3, [1])[0]),
+        "remove_extra_whitespaces": bool(spec.get(4, [1])[0]),
+    }
+
+
+LINE_LOCAL_SPEC = {"model_type": "bpe", "normalizer": "identity", "add_dummy_prefix": False,
+                   "remove_extra_whitespaces": False}
+"""Only BPE: its merges are ordered by (score, leftmost position), so a segment between two
+newlines merges as it would alone. Unigram's Viterbi breaks ties between equal-score paths
+(e.g. 16+12 vs 12+16 spaces) differently in context: measured on the stdlib, not identical."""
+
+
+def newline_ids(sp: spm.SentencePieceProcessor) -> list[int] | None:
+    """The ids "\\n" always encodes to when documents can be encoded line by line, else None."""
+    if model_spec(sp) != LINE_LOCAL_SPEC:
+        return None
+    if any("\n" in sp.id_to_piece(i) for i in range(sp.vocab_size())):
+        return None
+    ids = sp.encode("\n")
+    if len(ids) != 1 or not sp.is_byte(ids[0]):  # one byte-fallback id, never a (merged) <unk>
+        return None
+    return ids
+
+
+class DocumentEncoder:
+    """sp.encode for a list of documents: line by line, each distinct line of the list encoded
+    once, when the model allows it (see newline_ids), else whole documents. Either way the ids
+    are exactly sp.encode's. (A cache kept across calls was slower: ~250k distinct lines per 15 MB.)"""
+
+    def __init__(self, sp: spm.SentencePieceProcessor) -> None:
+        self.sp = sp
+        self.newline = newline_ids(sp)
+
+    @property
+    def by_line(self) -> bool:
+        return self.newline is not None
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.newline is None:
+            return self.sp.encode(texts, num_threads=1)
+        split = [t.split("\n") for t in texts]
+        distinct = list(dict.fromkeys(line for lines in split for line in lines))
+        table = dict(zip(distinct, self.sp.encode(distinct, num_threads=1), strict=True))
+        nl = self.newline
+        out = []
+        for lines in split:
+            ids = list(table[lines[0]])
+            for line in lines[1:]:
+                ids += nl
+                ids += table[line]
+            out.append(ids)
+        return out

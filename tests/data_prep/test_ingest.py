@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 
-from services.data_prep.filters import non_text_fraction, quality_filter
+from services.data_prep.filters import non_text_fraction, quality_filter, reject_reason
 from services.data_prep.ingest import (
     CorpusFormatError,
     Document,
@@ -174,3 +175,41 @@ def test_source_without_input_files_is_an_empty_corpus(tmp_path: Path) -> None:
     (tmp_path / "data" / "image.png").write_bytes(b"\x89PNG")
     with pytest.raises(EmptyCorpusError, match="matches no input file"):
         discover_files(corpus(tmp_path, CorpusSource(path=str(tmp_path / "data"), domain="d")))
+
+
+def _regex_normalize(text: str) -> str:
+    """normalize_text as first written, with regex substitutions: the definition the fast path must match."""
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = re.sub(r"[ \t\f\v]+$", "", text, flags=re.MULTILINE)
+    return re.sub(r"\n{4,}", "\n\n\n", text).strip("\n")
+
+
+def _regex_reject_reason(text: str, cfg: FilterConfig) -> str | None:
+    import re
+
+    if len(text) < cfg.min_doc_chars:
+        return "too_short"
+    if len(text) > cfg.max_doc_chars:
+        return "too_long"
+    if re.search(f"[^\n]{{{cfg.max_line_chars + 1}}}", text):
+        return "long_line"
+    bad = re.findall("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd\ue000-\uf8ff]", text)
+    if text and len(bad) / len(text) > cfg.max_non_text_fraction:
+        return "non_text"
+    return None
+
+
+def test_fast_normalize_and_filters_match_their_regex_definitions() -> None:
+    rng = random.Random(0)
+    alphabet = [" ", "\t", "\r", "\n", "\n", "\f", "\v", "a", "b", "\u00e9", "e\u0301", "\x01", "\x7f", "\x9f",
+                "\ufffd", "\ue000", "\u3000", "    ", "\n\n\n\n"]
+    cfg = FilterConfig(min_doc_chars=0, max_line_chars=12, max_non_text_fraction=0.05)
+    for _ in range(3_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        if rng.random() < 0.5:
+            text = text.encode("ascii", "ignore").decode()  # the ASCII fast paths
+        assert normalize_text(text) == _regex_normalize(text), repr(text)
+        assert reject_reason(text, cfg) == _regex_reject_reason(text, cfg), repr(text)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import services.data_prep.pipeline as pipeline
+import services.data_prep.sharding as sharding
+import services.data_prep.tokenizer as tokenizer_module
 from services.data_prep.ingest import EmptyCorpusError, PathOutsideRootsError
 from services.data_prep.pipeline import ParentDatasetError, prepare_dataset
 from services.data_prep.tokenizer import EOS_ID, load_tokenizer
@@ -138,6 +140,19 @@ def test_workers_do_not_change_the_bytes(
     assert one.manifest.version == two.manifest.version
     assert [s.sha256 for s in one.manifest.shards] == [s.sha256 for s in two.manifest.shards]
     assert one.manifest.tokenizer.sha256 == two.manifest.tokenizer.sha256
+
+
+def test_line_by_line_encoding_does_not_change_the_bytes(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sharding, "_ENCODERS", {})  # workers=1: encoders live in this process
+    fast = prepare_dataset(make_config(), ArtifactStore(tmp_path / "s1"), base_dir=corpus_dir)
+    assert [e.by_line for e in sharding._ENCODERS.values()] == [True]
+    monkeypatch.setattr(sharding, "_ENCODERS", {})
+    monkeypatch.setattr(tokenizer_module, "newline_ids", lambda sp: None)  # whole documents through sp.encode
+    whole = prepare_dataset(make_config(), ArtifactStore(tmp_path / "s2"), base_dir=corpus_dir)
+    assert [e.by_line for e in sharding._ENCODERS.values()] == [False]
+    assert [s.sha256 for s in fast.manifest.shards] == [s.sha256 for s in whole.manifest.shards]
 
 
 def test_progress_reports_each_stage(corpus_dir: Path, store: ArtifactStore) -> None:

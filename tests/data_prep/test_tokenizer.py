@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+import sentencepiece as spm
 
 from services.data_prep.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
     UNK_ID,
+    DocumentEncoder,
     TokenizerError,
     load_tokenizer,
+    model_spec,
+    newline_ids,
     special_ids,
     token_dtype,
     train_tokenizer,
@@ -77,6 +83,33 @@ def test_too_many_required_characters_names_the_coverage_and_its_value() -> None
     assert "tokenizer.vocab_size (now 300;" in message
     assert "tokenizer.character_coverage (now 0.9995)" in message
     assert "(now 300)" not in message
+
+
+def test_line_by_line_encoding_gives_exactly_sp_encode_ids(model: bytes, texts: list[str]) -> None:
+    sp = load_tokenizer(model)
+    assert model_spec(sp) == {"model_type": "bpe", "normalizer": "identity", "add_dummy_prefix": False,
+                              "remove_extra_whitespaces": False}
+    encoder = DocumentEncoder(sp)
+    assert encoder.by_line and encoder.newline == [sp.piece_to_id("<0x0A>")]
+    tricky = ["", "\n", "\n\nx\n", "a \n b", "  \n\t\n", "tail  ", "x\n" * 50, "ünï\ncödé ✓\n漢字", "\r\nwin\r\n"]
+    docs = texts + tricky + texts[:5]  # repeated documents and lines share the cache
+    assert encoder.encode(docs) == sp.encode(docs)
+
+
+def test_models_that_are_not_line_local_are_encoded_whole(texts: list[str]) -> None:
+    unigram = load_tokenizer(train_tokenizer(texts, TokenizerConfig(vocab_size=400, model_type="unigram")))
+    assert model_spec(unigram)["model_type"] == "unigram" and newline_ids(unigram) is None
+    lines = [line for t in texts for line in t.split("\n") if line.strip()]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=400,
+                                   model_type="bpe", minloglevel=2)  # sentencepiece's defaults: nmt_nfkc
+    default = spm.SentencePieceProcessor(model_proto=out.getvalue())
+    assert model_spec(default) == {"model_type": "bpe", "normalizer": "nmt_nfkc", "add_dummy_prefix": True,
+                                   "remove_extra_whitespaces": True}
+    for sp in (unigram, default):
+        encoder = DocumentEncoder(sp)
+        assert not encoder.by_line
+        assert encoder.encode(texts[:20]) == sp.encode(texts[:20])
 
 
 def test_token_dtype() -> None:
