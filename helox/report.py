@@ -1,9 +1,11 @@
 """A self-contained HTML report of runs, built from their events alone.
 
 `render_report(events)` draws, per run, inline SVG charts over steps: training and
-validation loss, learning rate, gradient norm (log scale), throughput and per-domain loss,
-each with the run's alert markers (HealthAlert, coloured by severity) and rollback markers
-(TrainerAction 'rollback'), then tables of the alerts and of the trainer's actions.
+validation loss, learning rate (log scale), gradient norm (log scale), throughput and
+per-domain loss, each with the run's alert markers (HealthAlert, coloured by severity) and
+rollback markers (TrainerAction 'rollback', where training was when it rolled back); loss
+against learning rate; then tables of the alerts, the trainer's actions, the evaluations
+(verdict and regression gates per checkpoint) and the exports.
 
 No plotting library: the SVG is generated here, so the report opens anywhere and the
 CLI needs nothing more. The output is well-formed XML apart from the doctype,
@@ -24,7 +26,9 @@ from typing import Any
 
 from contracts.envelope import Envelope
 from contracts.events import (
+    EvaluationCompleted,
     HealthAlert,
+    ModelReady,
     RunFailed,
     TrainerAction,
     TrainingCompleted,
@@ -51,6 +55,8 @@ class RunView:
     metrics: list[tuple[datetime, TrainingMetrics]] = field(default_factory=list)
     alerts: list[tuple[datetime, HealthAlert]] = field(default_factory=list)
     actions: list[tuple[datetime, TrainerAction]] = field(default_factory=list)
+    evaluations: list[tuple[datetime, EvaluationCompleted]] = field(default_factory=list)
+    exports: list[tuple[datetime, ModelReady]] = field(default_factory=list)
     started: TrainingStarted | None = None
     completed: TrainingCompleted | None = None
     failed: RunFailed | None = None
@@ -78,6 +84,10 @@ def group_runs(events: Iterable[Envelope[Any]]) -> dict[str, RunView]:
             view.alerts.append((at, p))
         elif isinstance(p, TrainerAction):
             view.actions.append((at, p))
+        elif isinstance(p, EvaluationCompleted):
+            view.evaluations.append((at, p))
+        elif isinstance(p, ModelReady):
+            view.exports.append((at, p))
         elif isinstance(p, TrainingStarted):
             view.started = p
         elif isinstance(p, TrainingCompleted):
@@ -116,13 +126,30 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
         return [lo]
     raw = (hi - lo) / max(n, 1)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
     first = math.ceil(lo / step - 1e-9) * step
     ticks, t = [], first
     while t <= hi + step * 1e-9:
         ticks.append(0.0 if abs(t) < step * 1e-9 else t)
         t += step
     return ticks
+
+
+def log_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Tick values for a log axis spanning 10**lo .. 10**hi: decades when it spans several,
+    1-2-5 steps when it spans a few, and round linear steps inside one decade (a grad norm
+    moving between 0.3 and 0.9 still gets 4-6 labelled ticks, not one)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    span = hi - lo
+    if span > 3:
+        every = max(1, math.ceil(span / n))
+        return [10.0 ** k for k in range(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1) if k % every == 0]
+    ticks = [m * 10.0 ** k for k in range(math.floor(lo), math.ceil(hi) + 1) for m in (1.0, 2.0, 5.0)
+             if lo - 1e-9 <= math.log10(m * 10.0 ** k) <= hi + 1e-9]
+    if len(ticks) >= 3:
+        return ticks
+    return [t for t in nice_ticks(10.0 ** lo, 10.0 ** hi, n + 1) if t > 0]
 
 
 def fmt(v: float) -> str:
@@ -175,15 +202,16 @@ def _thin(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def line_chart(title: str, series: list[Series], *, y_label: str, x_label: str = "step", log_y: bool = False,
-               markers: Sequence[Marker] = (), width: int = 760, height: int = 260) -> str:
+               log_x: bool = False, markers: Sequence[Marker] = (), width: int = 760, height: int = 260) -> str:
     """One chart as an inline <svg>: axes with ticks and labels, a legend, markers.
 
     Non-finite values are drawn as red crosses along the top edge (a NaN loss is news).
     """
     ml, mr, mt, mb = 64, 16, 28, 44
     pw, ph = width - ml - mr, height - mt - mb
-    usable = [(x, y) for s in series for x, y in s.points if math.isfinite(y) and (y > 0 or not log_y)]
-    xs = [x for s in series for x, _ in s.points] + [m.step for m in markers]
+    usable = [(x, y) for s in series for x, y in s.points
+              if math.isfinite(y) and (y > 0 or not log_y) and (not log_x or (math.isfinite(x) and x > 0))]
+    xs = [x for x, _ in usable] if log_x else [x for s in series for x, _ in s.points] + [m.step for m in markers]
     # Presentation attributes inline (not CSS), so that a chart copied out of the page renders the same.
     parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
               f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}" '
@@ -194,9 +222,14 @@ def line_chart(title: str, series: list[Series], *, y_label: str, x_label: str =
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" font-size="12" fill="#999">'
                      f'no data</text></svg>')
         return "".join(parts)
-    x0, x1 = min(xs), max(xs)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
+    if log_x:
+        x0, x1 = math.log10(min(xs)), math.log10(max(xs))
+        if x1 - x0 < 1e-9:
+            x0, x1 = x0 - 0.5, x1 + 0.5
+    else:
+        x0, x1 = min(xs), max(xs)
+        if x1 == x0:
+            x0, x1 = x0 - 1, x1 + 1
     ys = [y for _, y in usable]
     if log_y:
         y0, y1 = math.log10(min(ys)), math.log10(max(ys))
@@ -208,7 +241,8 @@ def line_chart(title: str, series: list[Series], *, y_label: str, x_label: str =
         y0, y1 = y0 - pad, y1 + pad
 
     def px(x: float) -> float:
-        return ml + (x - x0) / (x1 - x0) * pw
+        v = math.log10(x) if log_x else x
+        return ml + (v - x0) / (x1 - x0) * pw
 
     def py(y: float) -> float:
         v = math.log10(y) if log_y else y
@@ -216,22 +250,17 @@ def line_chart(title: str, series: list[Series], *, y_label: str, x_label: str =
 
     # Axes, grid and ticks.
     parts.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fcfcfc" stroke="#999"/>')
-    for t in nice_ticks(x0, x1, 6):
+    for t in (log_ticks(x0, x1) if log_x else nice_ticks(x0, x1, 6)):
         X = px(t)
         parts.append(f'<line x1="{X:.1f}" y1="{mt}" x2="{X:.1f}" y2="{mt + ph}" stroke="#eee"/>'
                      f'<text x="{X:.1f}" y="{mt + ph + 16}" text-anchor="middle" {_TICK}>{fmt(t)}</text>')
-    if log_y:
-        # Decades, and 2x / 5x between them when the range spans few decades.
-        mults = (1.0,) if y1 - y0 > 3 else (1.0, 2.0, 5.0)
-        yticks = [m * 10.0 ** k for k in range(math.floor(y0), math.ceil(y1) + 1) for m in mults
-                  if y0 - 1e-9 <= math.log10(m * 10.0 ** k) <= y1 + 1e-9]
-    else:
-        yticks = nice_ticks(y0, y1, 5)
+    yticks = log_ticks(y0, y1) if log_y else nice_ticks(y0, y1, 5)
     for t in yticks:
         Y = py(t)
         parts.append(f'<line x1="{ml}" y1="{Y:.1f}" x2="{ml + pw}" y2="{Y:.1f}" stroke="#eee"/>'
                      f'<text x="{ml - 6}" y="{Y + 4:.1f}" text-anchor="end" {_TICK}>{fmt(t)}</text>')
-    parts.append(f'<text x="{ml + pw / 2}" y="{height - 6}" text-anchor="middle" {_LABEL}>{escape(x_label)}</text>'
+    parts.append(f'<text x="{ml + pw / 2}" y="{height - 6}" text-anchor="middle" {_LABEL}>'
+                 f'{escape(x_label)}{" (log)" if log_x else ""}</text>'
                  f'<text x="14" y="{mt + ph / 2}" text-anchor="middle" {_LABEL} '
                  f'transform="rotate(-90 14 {mt + ph / 2})">{escape(y_label)}{" (log)" if log_y else ""}</text>')
 
@@ -248,7 +277,8 @@ def line_chart(title: str, series: list[Series], *, y_label: str, x_label: str =
     for s in series:
         for seg, faded in _timeline(s.points):
             opacity = ' opacity="0.3"' if faded else ""
-            good = [(x, y) for x, y in _thin(seg) if math.isfinite(y) and (y > 0 or not log_y)]
+            good = [(x, y) for x, y in _thin(seg)
+                    if math.isfinite(y) and (y > 0 or not log_y) and (not log_x or (math.isfinite(x) and x > 0))]
             if s.dots:
                 parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{s.color}"{opacity}/>'
                           for x, y in good]
@@ -256,7 +286,7 @@ def line_chart(title: str, series: list[Series], *, y_label: str, x_label: str =
                 pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in good)
                 parts.append(f'<polyline points="{pts}" fill="none" stroke="{s.color}" stroke-width="1.3"{opacity}/>')
             for x, y in seg:
-                if not math.isfinite(y):
+                if not math.isfinite(y) and not (log_x and not (math.isfinite(x) and x > 0)):
                     X = px(x)
                     parts.append(f'<g class="nonfinite"><title>{escape(s.name)} = {y} at step {fmt(x)}</title>'
                                  f'<path d="M{X - 4:.1f},{mt + 2} L{X + 4:.1f},{mt + 10} M{X + 4:.1f},{mt + 2} '
@@ -292,9 +322,13 @@ def run_markers(view: RunView) -> list[Marker]:
            for a in reversed(firing)]  # critical drawn last, on top
     for _, act in view.actions:
         if act.action == "rollback":
+            # The action's step is the trainer's step once it was applied, i.e. the restored
+            # one; the marker belongs where training was when it rolled back.
             restored = act.details.get("restored_step")
-            label = f"rollback at step {act.step}" + (f" to step {restored}" if restored is not None else "")
-            out.append(Marker(act.step, f"{label}: {act.reason}", ROLLBACK_COLOR, "rollback-marker", "rollback",
+            at = act.details.get("from_step")
+            at = at if isinstance(at, (int, float)) and not isinstance(at, bool) else act.step
+            label = f"rollback at step {at}" + (f" to step {restored}" if restored is not None else "")
+            out.append(Marker(at, f"{label}: {act.reason}", ROLLBACK_COLOR, "rollback-marker", "rollback",
                               dashed=True))
     return out
 
@@ -307,14 +341,18 @@ def run_charts(view: RunView) -> list[str]:
         line_chart("Loss", [Series("train loss", [(m.step, m.loss) for m in ms], PALETTE[0])]
                    + ([Series("val loss", val, PALETTE[1], dots=True)] if val else []),
                    y_label="loss", markers=markers),
+        # Log scale: an LR fault of x100 would otherwise flatten the schedule into the axis.
         line_chart("Learning rate", [Series("lr", [(m.step, m.lr) for m in ms], PALETTE[2])],
-                   y_label="learning rate", markers=markers),
+                   y_label="learning rate", log_y=True, markers=markers),
         line_chart("Gradient norm (before clipping)", [Series("grad norm", [(m.step, m.grad_norm) for m in ms],
                                                               PALETTE[3])],
                    y_label="grad norm", log_y=True, markers=markers),
         line_chart("Throughput", [Series("tokens/s", [(m.step, m.tokens_per_s) for m in ms], PALETTE[4])],
                    y_label="tokens / s", markers=markers),
     ]
+    charts.append(line_chart(
+        "Loss vs learning rate", [Series("train loss", [(m.lr, m.loss) for m in ms], PALETTE[0], dots=True)],
+        y_label="loss", x_label="learning rate", log_x=True))
     domains = sorted({d for m in ms for d in m.domain_loss})
     charts.append(line_chart(
         "Loss per domain",
@@ -376,6 +414,29 @@ def _actions_table(view: RunView) -> str:
     return _table(["time (UTC)", "action", "step", "details", "reason"], rows, "actions")
 
 
+def _evaluations_table(view: RunView) -> str:
+    if not view.evaluations:
+        return "<p>No evaluations.</p>"
+    rows = []
+    for _at, e in sorted(view.evaluations, key=lambda p: p[1].step):
+        headline = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(e.metrics.items()))
+        gates = "; ".join(f'{"pass" if g.passed else "FAIL"} {g.name}' + (f" ({g.detail})" if g.detail else "")
+                          for g in e.gates)
+        rows.append([str(e.step), f'<span class="verdict-{escape(e.verdict)}">{escape(e.verdict)}</span>',
+                     escape(headline), escape(gates or "no gates"), escape(e.checkpoint_digest[:12])])
+    return _table(["step", "verdict", "metrics", "regression gates", "checkpoint"], rows, "evaluations")
+
+
+def _exports_table(view: RunView) -> str:
+    if not view.exports:
+        return "<p>No exports.</p>"
+    rows = [[escape(m.model_id), escape(", ".join(sorted(m.formats))), escape(m.fingerprint[:16]),
+             escape(m.lineage.checkpoint_digest[:12]),
+             escape(", ".join(f"{k} {fmt(v)}" for k, v in sorted(m.metrics.items())))]
+            for _, m in view.exports]
+    return _table(["model", "formats", "fingerprint", "checkpoint", "metrics"], rows, "exports")
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1600px}
 h1{font-size:22px}h2{font-size:18px;margin-top:36px;border-bottom:1px solid #ddd}h3{font-size:15px}
@@ -384,6 +445,7 @@ svg.chart{border:1px solid #e3e3e3;border-radius:4px}
 dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 16px}dl.facts dt{color:#666}dl.facts dd{margin:0}
 table{border-collapse:collapse;font-size:12px;margin:8px 0}th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;
 vertical-align:top}th{background:#f4f4f4}
+.verdict-regression,.verdict-error{color:#d62728;font-weight:600}.verdict-pass{color:#2ca02c}
 .sev-critical{color:#d62728;font-weight:600}.sev-warning{color:#b07d00;font-weight:600}.sev-info{color:#2b8cbe}
 """
 
@@ -400,6 +462,8 @@ def render_report(events: list[Envelope[Any]], title: str = "Helox training repo
         body.append('<div class="charts">' + "".join(run_charts(view)) + "</div>")
         body.append("<h3>Alerts</h3>" + _alerts_table(view))
         body.append("<h3>Trainer actions</h3>" + _actions_table(view))
+        body.append("<h3>Evaluations</h3>" + _evaluations_table(view))
+        body.append("<h3>Exports</h3>" + _exports_table(view))
         body.append("</section>")
     return ("<!DOCTYPE html>\n"
             f'<html lang="en"><head><meta charset="utf-8"/><title>{escape(title)}</title>'

@@ -115,12 +115,28 @@ class ArtifactStore:
             raise ArtifactOutsideStoreError(f"{shown!r} resolves to {p}, outside the artifact store {self.root}")
 
 
+def process_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), since
+    setting it to read it back would race with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` atomically (temp + fsync + rename + directory fsync)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; the file gets the mode a plain open() would give it.
+        os.fchmod(fd, 0o666 & ~process_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -8,14 +8,22 @@ import xml.etree.ElementTree as ET
 import pytest
 from rich.console import Console
 
-from contracts import TrainerAction, TrainingCompleted, TrainingStarted
+from contracts import (
+    EvaluationCompleted,
+    GateResult,
+    Lineage,
+    ModelReady,
+    TrainerAction,
+    TrainingCompleted,
+    TrainingStarted,
+)
 from contracts.envelope import ArtifactRef
-from helox.report import nice_ticks, render_report
+from helox.report import log_ticks, nice_ticks, render_report
 from helox.watch import render_watch, sparkline
 from services.health_monitor.monitor import HealthMonitor
 from tests.health.traces import make_trace
 
-from .helpers import env
+from .helpers import env, metrics
 
 SVG = "{http://www.w3.org/2000/svg}svg"
 REF = ArtifactRef(uri="file:///a/ckpt/manifest.json", sha256="0" * 64, size_bytes=1)
@@ -52,16 +60,17 @@ def test_report_is_valid_html_with_one_svg_per_plot_and_markers(run_events) -> N
     html = render_report(run_events)
     root = _parse(html)
     svgs = root.findall(f".//{SVG}")
-    assert len(svgs) == 5  # loss, LR, grad norm, throughput, per-domain loss
+    assert len(svgs) == 6  # loss, LR, grad norm, throughput, loss vs LR, per-domain loss
     titles = [s.get("aria-label") for s in svgs]
-    assert titles == ["Loss", "Learning rate", "Gradient norm (before clipping)", "Throughput", "Loss per domain"]
+    assert titles == ["Loss", "Learning rate", "Gradient norm (before clipping)", "Throughput",
+                      "Loss vs learning rate", "Loss per domain"]
     loss = svgs[0]
     classes = [g.get("class") for g in loss.iter("{http://www.w3.org/2000/svg}g")]
     assert "alert-marker" in classes and "rollback-marker" in classes and "nonfinite" in classes
     assert "legend" in classes
     texts = "".join(loss.itertext())
     assert "step" in texts and "train loss" in texts and "rollback" in texts
-    domain_legend = "".join(svgs[4].itertext())
+    domain_legend = "".join(svgs[5].itertext())
     assert all(d in domain_legend for d in ("web", "code", "books"))
     assert "run&lt;&amp;&gt;1" in html and "divergence &lt;alert&gt;" in html
     assert "non_finite" in html and "completed" in html
@@ -98,3 +107,89 @@ def test_sparkline_shows_non_finite_values() -> None:
     assert line.plain[2] == "×" and len(line.plain) == 4
     long = sparkline([float(i) for i in range(1000)] + [float("inf")], width=20)
     assert len(long.plain) == 20 and long.plain[-1] == "×"
+
+
+# --- the charts' scales and markers, checked against positions worked out by hand --------------
+# A chart is 760 x 260 with margins left 64, right 16, top 28, bottom 44: the plot area is
+# x 64..744 (680 px) and y 28..216 (188 px).
+
+SVG_NS = "{http://www.w3.org/2000/svg}"
+
+
+def _chart(html: str, title: str) -> ET.Element:
+    return next(s for s in _parse(html).iter(f"{SVG_NS}svg") if s.get("aria-label") == title)
+
+
+def _polyline_ys(svg: ET.Element) -> list[float]:
+    line = next(svg.iter(f"{SVG_NS}polyline"))
+    return [float(p.split(",")[1]) for p in line.get("points").split()]
+
+
+def test_the_lr_chart_is_logarithmic_so_an_lr_fault_does_not_flatten_the_schedule() -> None:
+    # Schedule 1e-3 -> 1e-4 over steps 0..99, then a x100 fault (1e-1) for 10 steps.
+    lrs = [1e-3 - 9e-4 * i / 99 for i in range(100)] + [1e-1] * 10
+    events = [env(metrics(i, lr=lr), "r", float(i)) for i, lr in enumerate(lrs)]
+    ys = _polyline_ys(_chart(render_report(events), "Learning rate"))
+    # Log axis from 1e-4 to 1e-1: the schedule's decade is a third of the 188 px plot height
+    # (62.7 px); a linear axis would give it (1e-3 - 1e-4) / (1e-1 - 1e-4) * 188 = 1.7 px.
+    schedule = ys[:100]
+    assert max(schedule) - min(schedule) == pytest.approx(188 / 3, abs=0.5)
+    assert min(ys) == pytest.approx(28.0, abs=0.1)  # the fault's 1e-1 at the top
+
+
+def test_a_log_axis_within_one_decade_still_gets_several_ticks() -> None:
+    # A grad norm between 0.3 and 0.9: 1-2-5 decade ticks would leave only 0.5.
+    assert log_ticks(math.log10(0.3), math.log10(0.9)) == pytest.approx([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    assert log_ticks(math.log10(0.05), math.log10(3.0)) == pytest.approx([0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
+    assert log_ticks(-8.0, 2.0) == pytest.approx([1e-8, 1e-6, 1e-4, 1e-2, 1.0, 1e2])
+    events = [env(metrics(i, grad_norm=0.3 + 0.6 * i / 20), "r", float(i)) for i in range(21)]
+    svg = _chart(render_report(events), "Gradient norm (before clipping)")
+    labels = [t.text for t in svg.iter(f"{SVG_NS}text") if t.get("text-anchor") == "end"]
+    assert labels == ["0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
+
+
+def test_a_rollback_marker_stands_where_training_was_when_it_rolled_back() -> None:
+    events = [env(metrics(i), "r", float(i)) for i in range(0, 201, 10)]
+    # The trainer reports the action at its step after the restore (100); it rolled back at 150.
+    events.append(env(TrainerAction(action="rollback", reason="divergence", step=100,
+                                    details={"from_step": 150, "restored_step": 100}), "r", 30.0))
+    svg = _chart(render_report(events), "Loss")
+    marker = next(g for g in svg.iter(f"{SVG_NS}g") if g.get("class") == "rollback-marker")
+    assert marker.find(f"{SVG_NS}title").text.startswith("rollback at step 150 to step 100")
+    # Steps 0..200 over 680 px from x=64: step 150 is at 64 + 150 / 200 * 680 = 574.
+    assert float(marker.find(f"{SVG_NS}line").get("x1")) == pytest.approx(574.0)
+
+
+def test_loss_against_learning_rate_puts_each_interval_at_its_lr() -> None:
+    events = [env(metrics(i, loss=loss, lr=lr), "r", float(i)) for i, (lr, loss) in
+              enumerate([(1e-4, 4.0), (1e-3, 3.0), (1e-2, 5.0)])]
+    svg = _chart(render_report(events), "Loss vs learning rate")
+    dots = [(float(c.get("cx")), float(c.get("cy"))) for c in svg.iter(f"{SVG_NS}circle")
+            if c.get("r") == "2.5"]
+    # log10(lr) -4, -3, -2 spread over 680 px: x = 64, 404, 744; loss 3..5 padded by 5%
+    # (2.9..5.1 over 188 px): y(4) = 28 + 188 * (5.1 - 4) / 2.2 = 122.
+    assert [x for x, _ in dots] == pytest.approx([64.0, 404.0, 744.0])
+    assert dots[0][1] == pytest.approx(122.0, abs=0.1)
+
+
+def test_the_report_has_the_evaluations_with_their_gates_and_the_exports() -> None:
+    ref = ArtifactRef(uri="file:///a/x", sha256="a" * 64, size_bytes=1)
+    events = [env(metrics(10), "r", 1.0),
+              env(EvaluationCompleted(checkpoint=ref, checkpoint_digest="c" * 64, step=10,
+                                      metrics={"val_loss": 3.25}, verdict="pass", gates_passed=True,
+                                      gates=[GateResult(name="val_ppl_regression", passed=True)]), "r", 2.0),
+              env(EvaluationCompleted(checkpoint=ref, checkpoint_digest="d" * 64, step=20,
+                                      metrics={"val_loss": 3.5}, verdict="regression", gates_passed=False,
+                                      gates=[GateResult(name="val_ppl_regression", passed=False,
+                                                        detail="+7.9% [3.1%, 12.4%]")]), "r", 3.0),
+              env(ModelReady(model_id="helox-r-abc", formats={"onnx": ref, "gguf": ref}, manifest=ref,
+                             fingerprint="f" * 64, signature="s", metrics={"val_loss": 3.25},
+                             lineage=Lineage(run_id="r", dataset_version="ds", checkpoint_digest="c" * 64, checkpoint_step=10,
+                                             config_hash="h", code_version="v")), "r", 4.0)]
+    root = _parse(render_report(events))
+    tables = {t.get("class"): t for t in root.iter("table")}
+    rows = [["".join(td.itertext()) for td in tr.iter("td")] for tr in tables["evaluations"].iter("tr")][1:]
+    assert rows == [["10", "pass", "val_loss 3.25", "pass val_ppl_regression", "c" * 12],
+                    ["20", "regression", "val_loss 3.5", "FAIL val_ppl_regression (+7.9% [3.1%, 12.4%])", "d" * 12]]
+    export_rows = [["".join(td.itertext()) for td in tr.iter("td")] for tr in tables["exports"].iter("tr")][1:]
+    assert export_rows == [["helox-r-abc", "gguf, onnx", "f" * 16, "c" * 12, "val_loss 3.25"]]
