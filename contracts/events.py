@@ -13,8 +13,9 @@ from pydantic import Field
 
 from .envelope import ArtifactRef, ContractModel, Event
 
-Stage = Literal["request", "data", "train", "health", "eval", "export"]
-"""Where a run stopped; `request`: its request was refused before any work (a bad config value)."""
+Stage = Literal["data", "train", "health", "eval", "export"]
+FailedStage = Literal["request", "data", "train", "health", "eval", "export"]
+"""Where a run stopped: a stage, or `request` (its request was refused before any work)."""
 Severity = Literal["info", "warning", "critical"]
 Scalar = float | int | str | bool | None
 
@@ -53,11 +54,23 @@ class RunFailed(Event):
     EVENT_TYPE = "RunFailed"
     SCHEMA_VERSION = "1.1"
 
-    stage: Stage = Field(description="Stage in which the run failed; `request`: the request was refused "
+    stage: FailedStage = Field(description="Stage in which the run failed; `request`: the request was refused "
                          "before any work, `reason` naming each bad field (`section.field`).")
     reason: str = Field(description="What went wrong, in words a user can act on.")
     error_type: str = Field(default="", description="Exception class or error code.")
     retriable: bool = Field(default=False, description="Whether a retry could succeed.")
+
+
+class RunCancelled(Event):
+    """An operator cancelled a run (`helox cancel RUN_ID`): every service stops its work for the
+    run and skips the run's later events; the stage that was working ends it with RunFailed
+    (error_type `Cancelled`)."""
+
+    EVENT_TYPE = "RunCancelled"
+    SCHEMA_VERSION = "1.0"
+
+    reason: str = Field(default="", description="Why it was cancelled, in the operator's words.")
+    requested_by: str = Field(default="cli", description="Who cancelled it: user@host or a service name.")
 
 
 # --- data -----------------------------------------------------------------------------
@@ -193,7 +206,7 @@ class TrainingCompleted(Event):
     """Training finished normally."""
 
     EVENT_TYPE = "TrainingCompleted"
-    SCHEMA_VERSION = "1.1"
+    SCHEMA_VERSION = "1.2"
 
     final_step: int = Field(ge=0, description="Last optimizer step.")
     tokens_seen: int = Field(ge=0, description="Training tokens consumed.")
@@ -209,6 +222,11 @@ class TrainingCompleted(Event):
         default=None,
         description="The run's configuration file in the artifact store (runs/<run_id>/config.json): "
         "the exporter reads its `export` section from it.",
+    )
+    observer_failures: dict[str, int] = Field(
+        default_factory=dict,
+        description="Errors of observers (metric emitters, W&B, the bus emitter) by callback: logged and "
+        "counted, not fatal to the run.",
     )
 
 

@@ -88,7 +88,7 @@ SERVICES: dict[str, Participant] = {
             "data-prep",
             "data_prep",
             "Turns a run request into a versioned, deduplicated, tokenized dataset.",
-            consumes=("runs.requested",),
+            consumes=("runs.requested", "runs.cancelled"),
             # RAG packing: finds retrievers by their heartbeats, sends requests and reads the
             # answers (XREAD from the id it asked at, filtered by request id: no group).
             reads=("retrieval.heartbeat", "retrieval.completed"),
@@ -99,7 +99,7 @@ SERVICES: dict[str, Participant] = {
             "trainer",
             "trainer",
             "Trains the model on a dataset; applies health alerts and operator commands.",
-            consumes=("data.dataset-ready", "health.alerts", "train.commands"),
+            consumes=("data.dataset-ready", "health.alerts", "train.commands", "runs.cancelled"),
             # The run's configuration travels in its RunRequested, found by causation id.
             reads=("runs.requested",),
             publishes=(
@@ -124,7 +124,7 @@ SERVICES: dict[str, Participant] = {
             "evaluator",
             "evaluator",
             "Evaluates each checkpoint once (N instances share one consumer group).",
-            consumes=("train.checkpoint-saved",),
+            consumes=("train.checkpoint-saved", "runs.cancelled"),
             publishes=("eval.completed", "runs.failed", "retrieval.requested", "retrieval.fallback"),
             # Retrieval-conditioned suites ask retrievers as data-prep does.
             reads=("runs.requested", "retrieval.heartbeat", "retrieval.completed"),
@@ -133,7 +133,7 @@ SERVICES: dict[str, Participant] = {
             "exporter",
             "exporter",
             "Exports, verifies and signs the model of a finished, evaluated run.",
-            consumes=("eval.completed", "train.completed"),
+            consumes=("eval.completed", "train.completed", "runs.cancelled"),
             publishes=("export.model-ready", "runs.failed"),
             reads=("runs.requested", "train.checkpoint-saved"),
         ),
@@ -158,7 +158,7 @@ CLIENTS: dict[str, Participant] = {
             description="The `helox` CLI: requests runs, commands the trainer, inspects every "
             "stream and replays dead letters to the stream they came from (then deletes "
             "them from the dead-letter stream).",
-            publishes=("runs.requested", "train.commands"),
+            publishes=("runs.requested", "train.commands", "runs.cancelled"),
             reads=tuple(TOPICS),
             replays=_dead_letter_sources(),
             deletes=("dlq",),

@@ -40,6 +40,7 @@ class Topic:
 _TOPICS = [
     Topic("runs.requested", ev.RunRequested, KEPT, "A run was asked for."),
     Topic("runs.failed", ev.RunFailed, KEPT, "A run stopped for good."),
+    Topic("runs.cancelled", ev.RunCancelled, KEPT, "A run was cancelled: every service stops its work for it."),
     Topic("data.progress", ev.DataPrepProgress, Retention("trimmed", 10_000), "Data-prep progress."),
     Topic("data.dataset-ready", ev.DatasetReady, KEPT, "A dataset version is ready."),
     Topic("train.started", ev.TrainingStarted, KEPT, "Training started or resumed."),

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 ARCHITECTURE_TOPICS = {
     "runs.requested",
     "runs.failed",
+    "runs.cancelled",
     "data.progress",
     "data.dataset-ready",
     "train.started",
@@ -60,16 +61,16 @@ ARCHITECTURE_TOPICS = {
 }
 ARCHITECTURE_SERVICES = {
     # service: (consumes, publishes besides heartbeats and dead letters)
-    "data-prep": ({"runs.requested"}, {"data.progress", "data.dataset-ready", "runs.failed", "retrieval.requested",
+    "data-prep": ({"runs.requested", "runs.cancelled"}, {"data.progress", "data.dataset-ready", "runs.failed", "retrieval.requested",
                                        "retrieval.fallback"}),
     "trainer": (
-        {"data.dataset-ready", "health.alerts", "train.commands"},
+        {"data.dataset-ready", "health.alerts", "train.commands", "runs.cancelled"},
         {"train.started", "train.metrics", "train.checkpoint-saved", "train.actions", "train.completed", "runs.failed"},
     ),
     "health-monitor": ({"train.metrics", "train.started", "train.completed", "runs.failed", "train.actions"}, {"health.alerts"}),
-    "evaluator": ({"train.checkpoint-saved"}, {"eval.completed", "runs.failed", "retrieval.requested",
+    "evaluator": ({"train.checkpoint-saved", "runs.cancelled"}, {"eval.completed", "runs.failed", "retrieval.requested",
                                                 "retrieval.fallback"}),
-    "exporter": ({"eval.completed", "train.completed"}, {"export.model-ready", "runs.failed"}),
+    "exporter": ({"eval.completed", "train.completed", "runs.cancelled"}, {"export.model-ready", "runs.failed"}),
 }
 TRIMMED = {"train.metrics", "services.heartbeat", "data.progress", "retrieval.heartbeat", "retrieval.requested",
            "retrieval.completed"}
@@ -121,7 +122,7 @@ def test_who_publishes_and_consumes_what_follows_the_architecture() -> None:
         assert s.module == f"services.{name.replace('-', '_')}"
         assert s.key_patterns == (f"helox:idem:{name}:*", f"helox:outbox:{name}:*")
     cli, cyrex = CLIENTS["cli"], CLIENTS["cyrex"]
-    assert set(cli.publishes) == {"runs.requested", "train.commands"}
+    assert set(cli.publishes) == {"runs.requested", "train.commands", "runs.cancelled"}
     assert set(cli.reads) == set(TOPICS) and cli.consumes == () and cli.deletes == ("dlq",)
     # A dead letter goes back to where it came from: a stream some service consumes.
     assert set(cli.replays) == {k for s in SERVICES.values() for k in s.consumes}
