@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from shared.config import StrictModel
-from shared.model import ModelConfig, model_preset
+from shared.model import PRESETS, ModelConfig, model_preset
 
 
 class OptimConfig(StrictModel):
@@ -179,9 +179,25 @@ class TrainConfig(StrictModel):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
 
+    @field_validator("model")
+    @classmethod
+    def _known_preset(cls, value: ModelConfig | str) -> ModelConfig | str:
+        # A ValueError, so that an unknown name is a validation error naming train.model (a
+        # KeyError from model_preset would escape validation as a crash).
+        if isinstance(value, str) and value not in PRESETS:
+            raise ValueError(f"unknown model preset {value!r}; choose one of {sorted(PRESETS)} or give a ModelConfig")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        cfg = self.model_config_resolved()
+        try:
+            cfg = self.model_config_resolved()
+        except ValidationError as exc:  # name the field as the user wrote it: model_overrides.n_layer
+            field = "model" if isinstance(self.model, ModelConfig) and not self.model_overrides else "model_overrides"
+            raise ValidationError.from_exception_data(exc.title, [
+                {"type": e["type"], "loc": (field, *e["loc"]), "input": e["input"], **({"ctx": e["ctx"]} if "ctx" in e else {})}
+                for e in exc.errors()
+            ]) from exc
         if self.batch.seq_len > cfg.max_seq_len:
             raise ValueError(f"batch.seq_len ({self.batch.seq_len}) exceeds the model's max_seq_len ({cfg.max_seq_len})")
         start = self.curriculum.seq_len_start
