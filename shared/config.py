@@ -8,15 +8,16 @@ field and where it came from.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from contracts import DEFAULT_PREFIX
 
@@ -74,6 +75,13 @@ class HeloxSettings(BaseSettings):
     startup_wait_s: float = Field(default=60.0, ge=0, description="How long `helox run` waits for services to come up.")
     signing_key: SecretStr | None = Field(default=None, description="HMAC key for export signatures.")
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    corpus_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["{stdlib}", "."],
+        min_length=1,
+        description="Directories any run may read its corpus from ('{stdlib}' and '~' expand; relative to the "
+        "data-prep service's working directory). A request's corpus.roots must lie inside them: it may narrow "
+        "them, never widen them. Env: a JSON list or paths joined by ':'.",
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -82,6 +90,19 @@ class HeloxSettings(BaseSettings):
             return None
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("corpus_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"not a JSON list of paths: {exc}") from exc
+            return [p for p in text.split(os.pathsep) if p]
         return value
 
     @field_validator("topic_prefix")

@@ -13,33 +13,40 @@ pipeline without recomputation.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from contracts import ArtifactRef, DataPrepProgress, DatasetReady, Envelope, RunFailed, RunRequested
+from contracts import ArtifactRef, DataPrepProgress, DatasetReady, Envelope, RunCancelled, RunFailed, RunRequested
 from services.data_prep.ingest import CorpusError
 from services.data_prep.pipeline import PrepareResult, prepare_dataset
+from services.data_prep.request import checked_request
 from services.data_prep.semantic import SemanticDedupError
 from services.data_prep.tokenizer import TokenizerError
+from services.runconfig import InvalidRunConfigError
 from shared.artifacts import ArtifactStore
 from shared.bus import Delivery
-from shared.data.config import DataPrepConfig, data_prep_config
+from shared.cancellation import RunCancelledError, honour_cancellations, is_cancelled
+from shared.data.config import DataPrepConfig
 from shared.logging import get_logger
 from shared.runs import (
     RunConfigError,
     RunConfigMissingError,
     read_run_config,
     request_config,
-    section,
     write_run_config,
 )
 from shared.service import ServiceRuntime
 
 log = get_logger("helox.data_prep")
 
-USER_ERRORS = (CorpusError, TokenizerError, SemanticDedupError, ValidationError, RunConfigError)
+REQUEST_ERRORS = (InvalidRunConfigError, RunConfigError)
+"""The request itself is unusable (a bad value in any section, an unreadable config file): the
+run fails at stage `request`, naming the field, before any work."""
+
+USER_ERRORS = (CorpusError, TokenizerError, SemanticDedupError, ValidationError)
 """Errors a retry cannot fix: the run fails at once, naming the reason."""
 
 PROGRESS_EVERY_S = 0.5
@@ -77,11 +84,14 @@ def requested_config(store: ArtifactStore, request: RunRequested) -> tuple[dict[
     return request_config(request), None
 
 
-def prepare_config(store: ArtifactStore, run_id: str, request: RunRequested) -> tuple[DataPrepConfig, ArtifactRef]:
-    """This service's sections, validated, and the run config's reference (written now when the
-    request brought none, and only once those sections are valid)."""
+def prepare_config(store: ArtifactStore, run_id: str, request: RunRequested,
+                   corpus_roots: list[str]) -> tuple[DataPrepConfig, ArtifactRef]:
+    """This service's sections, once the whole run config passed the request gate (every
+    section valid, corpus roots inside the deployment's), and the run config's reference
+    (written now when the request brought none, and only once the config is valid)."""
     config, ref = requested_config(store, request)
-    data = data_prep_config(section(config, "corpus"), section(config, "data"))
+    source = request.run_config.uri if ref is not None and request.run_config else f"the inline config of run {run_id}"
+    data = checked_request(config, source, corpus_roots)
     if ref is None:
         ref = write_run_config(store, run_id, config)
     return data, ref
@@ -99,11 +109,18 @@ async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], 
     if await rt.idempotency.seen(key):
         log.info("run already prepared; skipping redelivery", run_id=run_id)
         return
+    if await is_cancelled(rt, run_id):
+        log.info("run cancelled before data prep; skipped", run_id=run_id)
+        return
     loop = asyncio.get_running_loop()
     last = {"t": 0.0, "stage": ""}
+    cancelled = threading.Event()
 
     def progress(stage: str, fraction: float) -> None:
-        # Called from the pipeline's thread: hop onto the loop, throttled per stage.
+        # Called from the pipeline's thread: hop onto the loop, throttled per stage. Also where
+        # a cancelled run stops (the pipeline reports progress all along each stage).
+        if cancelled.is_set():
+            raise RunCancelledError(f"run {run_id} was cancelled during data prep ({stage})")
         now = time.monotonic()
         if stage == last["stage"] and now - last["t"] < PROGRESS_EVERY_S and fraction < 1.0:
             return
@@ -114,9 +131,20 @@ async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], 
         )
 
     try:
-        config, run_config = await asyncio.to_thread(prepare_config, rt.store, run_id, req)
+        config, run_config = await asyncio.to_thread(prepare_config, rt.store, run_id, req,
+                                                     rt.settings.corpus_roots)
+    except REQUEST_ERRORS as exc:
+        await _fail(rt, env, exc, retriable=False, stage="request")
+        await rt.idempotency.commit(key, "failed")
+        return
+    rt.state.setdefault("cancel", {})[run_id] = cancelled
+    try:
         rt.current_work = f"run {run_id}: data prep"
         result = await asyncio.to_thread(prepare_dataset, config, rt.store, progress)
+    except RunCancelledError as exc:
+        await _fail(rt, env, exc, retriable=False, error_type="Cancelled")
+        await rt.idempotency.commit(key, "cancelled")
+        return
     except USER_ERRORS as exc:
         await _fail(rt, env, exc, retriable=False)
         await rt.idempotency.commit(key, "failed")
@@ -129,21 +157,27 @@ async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], 
         raise  # transient? the entry stays pending and is redelivered
     finally:
         rt.current_work = None
+        rt.state["cancel"].pop(run_id, None)
     ready = dataset_ready(result, rt.store, run_config)
     await rt.bus.publish(ready)
     await rt.idempotency.commit(key, ready.dataset_version)
     log.info("dataset ready", version=ready.dataset_version, reused=ready.reused, tokens=ready.tokens)
 
 
-async def _fail(rt: ServiceRuntime, env: Envelope[Any], exc: BaseException, *, retriable: bool) -> None:
-    log.error("data prep failed", error=str(exc), error_type=type(exc).__name__)
-    await rt.bus.publish(
-        RunFailed(stage="data", reason=str(exc)[:2000], error_type=type(exc).__name__, retriable=retriable)
-    )
+async def _fail(rt: ServiceRuntime, env: Envelope[Any], exc: BaseException, *, retriable: bool,
+                stage: Literal["request", "data"] = "data", error_type: str | None = None) -> None:
+    error_type = error_type or type(exc).__name__
+    log.error("data prep failed", stage=stage, error=str(exc), error_type=error_type)
+    await rt.bus.publish(RunFailed(stage=stage, reason=str(exc)[:2000], error_type=error_type, retriable=retriable))
 
 
 def setup(rt: ServiceRuntime) -> None:
     async def on_run_requested(env: Envelope[RunRequested], delivery: Delivery) -> None:
         await handle_run_requested(rt, env, delivery)
 
+    async def on_cancel(run_id: str, _event: RunCancelled) -> None:
+        if (running := rt.state.get("cancel", {}).get(run_id)) is not None:
+            running.set()  # the pipeline stops at its next progress report
+
     rt.bus.subscribe(RunRequested, on_run_requested)
+    honour_cancellations(rt, on_cancel)

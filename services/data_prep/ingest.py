@@ -147,17 +147,24 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def discover_files(corpus: CorpusConfig, base_dir: str | Path | None = None) -> list[SourceFile]:
-    """Every input file of the corpus, in a deterministic order (source order, then path)."""
+def discover_files(corpus: CorpusConfig, base_dir: str | Path | None = None, *,
+                   outside: list[str] | None = None) -> list[SourceFile]:
+    """Every input file of the corpus, in a deterministic order (source order, then path).
+
+    A source outside the roots is an error (PathOutsideRootsError); a file found under a
+    source that resolves outside them (a symlink escaping the roots) is skipped, and its path
+    appended to `outside` when given.
+    """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     roots = [expand_path(r, base).resolve() for r in corpus.roots]
+    skipped = outside if outside is not None else []
     files: list[SourceFile] = []
     for index, src in enumerate(corpus.sources):
-        files.extend(_source_files(index, src, base, roots))
+        files.extend(_source_files(index, src, base, roots, skipped))
     return files
 
 
-def _source_files(index: int, src: CorpusSource, base: Path, roots: list[Path]) -> list[SourceFile]:
+def _source_files(index: int, src: CorpusSource, base: Path, roots: list[Path], outside: list[str]) -> list[SourceFile]:
     spec = expand_path(src.path, base)
     text = str(spec)
     if _GLOB_MAGIC.search(text):
@@ -191,15 +198,18 @@ def _source_files(index: int, src: CorpusSource, base: Path, roots: list[Path]) 
         p = walk_base / rel
         resolved = p.resolve()
         if not _inside(resolved, roots):
-            raise PathOutsideRootsError(
-                f"corpus file {p} resolves to {resolved}, outside the corpus roots "
-                f"{[str(r) for r in roots]}: add a root or exclude the file"
-            )
+            outside.append(str(p))  # a symlink out of the roots: never read, counted in the ingest report
+            continue
         kind = src.kind if src.kind != "auto" else ("jsonl" if p.suffix == ".jsonl" else "text")
         out.append(SourceFile(
             source=index, path=str(resolved), relpath=rel, kind=kind, domain=src.domain,
             docstrings=src.docstrings, text_field=src.text_field, domain_field=src.domain_field,
         ))
+    if not out:
+        raise EmptyCorpusError(
+            f"corpus source {src.path!r} ({spec}): every file it matches resolves outside the corpus roots "
+            f"{[str(r) for r in roots]} (symlinks out of them are skipped)"
+        )
     return out
 
 

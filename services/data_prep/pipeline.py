@@ -312,7 +312,11 @@ def prepare_dataset(
         return now
 
     t = time.perf_counter()
-    files = discover_files(config.corpus, base)
+    outside: list[str] = []
+    files = discover_files(config.corpus, base, outside=outside)
+    if outside:
+        log.warning(f"{len(outside)} corpus files resolve outside the corpus roots (symlinks); skipped",
+                    examples=outside[:10])
     t = lap("discover", t)
     file_digests, inputs = hash_inputs(files)
     t = lap("hash_inputs", t)
@@ -345,7 +349,7 @@ def prepare_dataset(
             timings["pool_start"] = time.perf_counter() - t
             manifest, reports, manifest_s = _build(
                 config, files, file_digests, inputs, version, tok_model, tok_source, tok_type, parent_version,
-                tmp, pool, report_progress, workers,
+                tmp, pool, report_progress, workers, outside_roots=outside,
             )
         t = time.perf_counter()
         write_manifest(manifest, tmp / MANIFEST_NAME)
@@ -425,6 +429,8 @@ def _build(
     pool: Any,
     report_progress: ProgressFn,
     workers: int,
+    *,
+    outside_roots: list[str],
 ) -> tuple[Manifest, list[StageReport], float]:
     """The stages, written into `out`: (manifest, stage reports, seconds spent on the manifest's files)."""
     reports: list[StageReport] = []
@@ -452,6 +458,8 @@ def _build(
         seconds=time.perf_counter() - t0,
         details={
             "files": len(files),
+            "outside_roots_skipped": len(outside_roots),
+            "outside_roots_files": outside_roots[:100],
             "binary_skipped": len(binary),
             "binary_files": binary[:100],
             "non_utf8_files": len(non_utf8),

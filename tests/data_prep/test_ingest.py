@@ -85,14 +85,27 @@ def test_source_outside_roots_is_rejected(tmp_path: Path) -> None:
         discover_files(corpus(tmp_path, CorpusSource(path=str(outside), domain="d"), roots=[str(inside)]))
 
 
-def test_symlink_escaping_roots_is_rejected(tmp_path: Path) -> None:
+def test_symlink_escaping_roots_is_skipped_and_counted(tmp_path: Path) -> None:
     inside, outside = tmp_path / "inside", tmp_path / "outside"
     inside.mkdir()
     outside.mkdir()
     (outside / "secret.txt").write_text("secret")
     (inside / "ok.txt").write_text("fine")
     os.symlink(outside / "secret.txt", inside / "link.txt")
-    with pytest.raises(PathOutsideRootsError, match=r"link\.txt"):
+    skipped: list[str] = []
+    files = discover_files(corpus(tmp_path, CorpusSource(path=str(inside), domain="d"), roots=[str(inside)]),
+                           outside=skipped)
+    assert [f.relpath for f in files] == ["ok.txt"]
+    assert skipped == [str(inside / "link.txt")]
+
+
+def test_a_source_whose_every_file_escapes_the_roots_names_it(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    os.symlink(outside / "secret.txt", inside / "link.txt")
+    with pytest.raises(EmptyCorpusError, match="resolves outside the corpus roots"):
         discover_files(corpus(tmp_path, CorpusSource(path=str(inside), domain="d"), roots=[str(inside)]))
 
 
