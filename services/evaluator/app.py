@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from contracts import ArtifactRef, CheckpointSaved, Envelope, EvaluationCompleted
 from shared.bus import Delivery
+from shared.cancellation import honour_cancellations, is_cancelled
 from shared.logging import get_logger
 from shared.runs import read_run_config, section
 from shared.service import ServiceRuntime
@@ -46,6 +47,9 @@ async def eval_config(rt: ServiceRuntime, run_config: ArtifactRef | None, run_id
 
 async def handle_checkpoint(rt: ServiceRuntime, env: Envelope[CheckpointSaved], _delivery: Delivery) -> None:
     ev = env.payload
+    if await is_cancelled(rt, env.run_id):
+        log.info("run cancelled; checkpoint not evaluated", run_id=env.run_id, step=ev.step)
+        return
     if await rt.idempotency.seen(ev.digest):
         log.info("checkpoint already evaluated", digest=ev.digest)
         return
@@ -95,3 +99,4 @@ def setup(rt: ServiceRuntime) -> None:
         await handle_checkpoint(rt, env, delivery)
 
     rt.bus.subscribe(CheckpointSaved, on_checkpoint)
+    honour_cancellations(rt)  # a cancelled run's later checkpoints are skipped

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from contracts import Envelope, EvaluationCompleted, Lineage, ModelReady, RunFailed, TrainingCompleted
 from shared.bus import Delivery
+from shared.cancellation import honour_cancellations, is_cancelled
 from shared.checkpoint import CheckpointError
 from shared.logging import get_logger
 from shared.runs import RunConfigError, read_run_config, section, stages
@@ -44,6 +45,9 @@ class ExporterService:
     async def handle(self, env: Envelope[EvaluationCompleted | TrainingCompleted], delivery: Delivery) -> None:
         rt, run_id = self.rt, env.run_id
         if not run_id:
+            return
+        if await is_cancelled(rt, run_id):
+            log.info("run cancelled; not exporting", run_id=run_id, event=env.type)
             return
         ref = env.payload.run_config
         if ref is None:
@@ -129,3 +133,4 @@ def setup(rt: ServiceRuntime) -> None:
     svc = ExporterService(rt)
     rt.bus.subscribe(EvaluationCompleted, svc.handle)
     rt.bus.subscribe(TrainingCompleted, svc.handle)
+    honour_cancellations(rt)  # a cancelled run is not exported

@@ -30,6 +30,7 @@ from contracts import (
     DatasetReady,
     Envelope,
     HealthAlert,
+    RunCancelled,
     RunFailed,
     TrainerAction,
     TrainerCommand,
@@ -39,6 +40,7 @@ from contracts import (
 )
 from shared.artifacts import ArtifactDigestError, ArtifactStore
 from shared.bus import Delivery, Outbox, Requeue
+from shared.cancellation import honour_cancellations, is_cancelled
 from shared.checkpoint import CheckpointError
 from shared.data.dataset import DatasetError
 from shared.data.manifest import ManifestError, ShardCorruptError
@@ -55,7 +57,12 @@ log = get_logger("helox.trainer")
 
 
 class BusEmitter(Callback):
-    """Turns the loop's named events into contract events, through the outbox (never blocks)."""
+    """Turns the loop's named events into contract events, through the outbox (never blocks).
+
+    An observer: an event it cannot build is logged and counted (TrainingCompleted's
+    `observer_failures`), not a failed run."""
+
+    observer = True
 
     def __init__(self, outbox: Outbox, store: ArtifactStore, run_id: str, cause: Envelope[Any], meta: dict[str, Any]):
         self.outbox, self.store, self.run_id, self.meta = outbox, store, run_id, meta
@@ -125,6 +132,8 @@ class TrainerService:
         self.rt = rt
         self.outbox: Outbox | None = None
         self.job: Job | None = None
+        self.cancelled: dict[str, str] = {}
+        """Runs cancelled while this instance trained them: run id -> reason."""
 
     async def start(self, _rt: ServiceRuntime) -> None:
         s = self.rt.settings
@@ -165,6 +174,9 @@ class TrainerService:
         if await rt.idempotency.seen(f"run:{run_id}"):
             log.info("run already trained; skipping redelivery", run_id=run_id)
             return
+        if await is_cancelled(rt, run_id):
+            log.info("run cancelled before training; skipped", run_id=run_id)
+            return
         try:
             cfg = train_config(section(run_config, "train"), vocab_size=ev.vocab_size,
                                dataset_version=ev.dataset_version)
@@ -202,21 +214,40 @@ class TrainerService:
         rt.current_work = f"training {run_id}"
         if rt.stopping.is_set():
             trainer.request_stop("stopping before start", kind="signal")
+        elif await is_cancelled(rt, run_id):  # cancelled while the job was being built
+            self.cancelled[run_id] = "cancelled by an operator"
+            trainer.request_stop("cancelled before the first step", kind="command")
         try:
             result: TrainingResult = await asyncio.to_thread(trainer.fit, resume)
         except (CheckpointError, TrainingError, ShardCorruptError) as exc:
             await self._fail(env, f"training failed: {exc}", type(exc).__name__)
             await rt.idempotency.commit(f"run:{run_id}", "failed")
             return
+        except Exception as exc:
+            # Anything else escaping the job (an I/O error in a background checkpoint write, an
+            # out-of-memory error, a bug in a callback) ends the run too, saying what it was: a
+            # redelivery would fail the same way after a long wait, then only dead-letter.
+            log.exception("training job crashed", run_id=run_id)
+            await self._fail(env, f"training failed: {type(exc).__name__}: {exc}", type(exc).__name__)
+            await rt.idempotency.commit(f"run:{run_id}", "failed")
+            return
         finally:
             self.job = None
             rt.current_work = None
-        await self._finish(env, result, emitter, delivery)
+        await self._finish(env, result, emitter, delivery, dict(trainer.hooks.observer_failures))
 
     async def _finish(self, env: Envelope[DatasetReady], result: TrainingResult, emitter: BusEmitter,
-                      delivery: Delivery) -> None:
+                      delivery: Delivery, observer_failures: dict[str, int]) -> None:
         rt, run_id = self.rt, env.run_id or ""
         assert self.outbox is not None
+        if run_id in self.cancelled:
+            why = self.cancelled.pop(run_id)
+            emitter._emit(RunFailed(stage="train", reason=f"cancelled at step {result.final_step} (checkpointed): "
+                                    f"{why}", error_type="Cancelled"))
+            await asyncio.to_thread(self.outbox.flush, 60.0)
+            await rt.idempotency.commit(f"run:{run_id}", "cancelled")
+            log.info("training cancelled", run_id=run_id, step=result.final_step)
+            return
         if result.status == "stopped" and result.reason.startswith("SIGTERM"):
             await asyncio.to_thread(self.outbox.flush, 30.0)
             raise Requeue(f"run {run_id} stopped at step {result.final_step} for shutdown; resumable")
@@ -233,7 +264,7 @@ class TrainerService:
                 final_checkpoint_digest=result.last_checkpoint_digest,
                 best_checkpoint=rt.store.ref(best / "manifest.json") if best and best.exists() else None,
                 wall_time_s=result.wall_time_s, rollbacks=result.rollbacks, skipped_steps=result.skipped_steps,
-                run_config=emitter.meta["run_config"],
+                run_config=emitter.meta["run_config"], observer_failures=observer_failures,
             )
             emitter._emit(done)
         else:  # halted by the policy
@@ -258,6 +289,13 @@ class TrainerService:
                                  recommended_action=a.recommended_action, message=a.message, state=a.state,
                                  event_id=str(env.event_id), incident_id=a.incident_id))
 
+    async def on_cancel(self, run_id: str, event: RunCancelled) -> None:
+        job = self.job
+        if job is None or job.run_id != run_id:
+            return
+        self.cancelled[run_id] = event.reason or "cancelled by an operator"
+        job.trainer.request_stop(f"cancelled: {self.cancelled[run_id]}", kind="command")
+
     async def on_command(self, env: Envelope[TrainerCommand], _delivery: Delivery) -> None:
         job, c = self.job, env.payload
         if job is None or env.run_id != job.run_id:
@@ -275,4 +313,5 @@ def setup(rt: ServiceRuntime) -> None:
     rt.bus.subscribe(DatasetReady, svc.on_dataset_ready)
     rt.bus.subscribe(HealthAlert, svc.on_alert, group=control_group)
     rt.bus.subscribe(TrainerCommand, svc.on_command, group=control_group)
+    honour_cancellations(rt, svc.on_cancel, group=control_group)  # every instance hears it
 

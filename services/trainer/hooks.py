@@ -17,14 +17,22 @@ Events and their keyword payloads (`trainer` is always the first argument):
     train_end    result: TrainingResult
 
 A callback with a `name` and `state_dict()`/`load_state_dict()` is saved in checkpoints.
+
+An *observer* (`observer = True`: the emitters, W&B, the bus) only reports what the loop does;
+its failure is logged and counted (`Hooks.observer_failures`), never fatal to the run. Any
+other callback's error (a probe) propagates: the loop's numbers would be wrong without it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from typing import Any
+
+from shared.logging import get_logger
+
+log = get_logger("helox.trainer")
 
 
 class Event(StrEnum):
@@ -43,6 +51,8 @@ class Callback:
     """Base class: override any `on_<event>(self, trainer, **payload)`."""
 
     name: str | None = None
+    observer: bool = False
+    """True for a callback that only reports (an emitter): its errors are counted, not raised."""
 
     def close(self) -> None:
         """Release resources (files, W&B run) at the end of training."""
@@ -52,6 +62,8 @@ class Hooks:
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self.callbacks: list[Callback] = []
         self._functions: dict[Event, list[Callable[..., Any]]] = defaultdict(list)
+        self.observer_failures: Counter[str] = Counter()
+        """Errors of observer callbacks, by callback (its name, else its class)."""
         for cb in callbacks:
             self.add(cb)
 
@@ -73,7 +85,10 @@ class Hooks:
         for cb in self.callbacks:
             handler = getattr(cb, method, None)
             if handler is not None:
-                handler(trainer, **payload)
+                if cb.observer:
+                    self._observe(cb, method, handler, trainer, payload)
+                else:
+                    handler(trainer, **payload)
         for fn in self._functions[event]:
             fn(trainer, **payload)
 
@@ -85,6 +100,25 @@ class Hooks:
             if cb.name and hasattr(cb, "load_state_dict") and cb.name in state:
                 cb.load_state_dict(state[cb.name])
 
+    def _observe(self, cb: Callback, method: str, handler: Callable[..., Any], trainer: Any,
+                 payload: dict[str, Any]) -> None:
+        try:
+            handler(trainer, **payload)
+        except Exception as exc:
+            self._failed(cb, method, exc)
+
+    def _failed(self, cb: Callback, method: str, exc: Exception) -> None:
+        label = cb.name or type(cb).__name__
+        self.observer_failures[label] += 1
+        log.warning("observer callback failed; the run goes on", callback=label, hook=method,
+                    error=f"{type(exc).__name__}: {exc}", failures=self.observer_failures[label])
+
     def close(self) -> None:
         for cb in self.callbacks:
-            cb.close()
+            if not cb.observer:
+                cb.close()
+                continue
+            try:
+                cb.close()
+            except Exception as exc:
+                self._failed(cb, "close", exc)

@@ -106,6 +106,8 @@ def finite_or_none(x: float | None) -> float | None:
 class StructlogEmitter(Callback):
     """One `train.metrics` log line per log interval (per-layer/probe dicts flattened)."""
 
+    observer = True
+
     def __init__(self, logger: Any | None = None, event: str = "train.metrics") -> None:
         self.log = logger or get_logger("helox.trainer")
         self.event = event
@@ -123,6 +125,8 @@ class StructlogEmitter(Callback):
 class FunctionEmitter(Callback):
     """Calls fn(metrics) every log interval: the hook for the bus outbox and for tests."""
 
+    observer = True
+
     def __init__(self, fn: Callable[[dict[str, Any]], None]) -> None:
         self.fn = fn
 
@@ -132,6 +136,8 @@ class FunctionEmitter(Callback):
 
 class WandbEmitter(Callback):
     """Weights & Biases: offline by default (files under out_dir/wandb), online when configured."""
+
+    observer = True
 
     def __init__(self, cfg: WandbConfig, out_dir: str | os.PathLike[str], run_config: dict[str, Any] | None = None,
                  run_id: str | None = None) -> None:
