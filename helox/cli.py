@@ -30,6 +30,7 @@ events_app.command("tail")(bus.events_tail)
 dlq_app.command("list")(bus.dlq_list)
 dlq_app.command("replay")(bus.dlq_replay)
 app.command()(bus.command)
+app.command()(bus.cancel)
 
 # the stages, here and without the bus
 data_app.command("prepare")(offline.data_prepare)

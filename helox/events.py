@@ -17,6 +17,7 @@ from contracts import (
     EvaluationCompleted,
     HealthAlert,
     ModelReady,
+    RunCancelled,
     RunFailed,
     RunRequested,
     TrainerAction,
@@ -116,6 +117,8 @@ def describe(env: Envelope[Any]) -> str:
             return f"model {p.model_id}: {', '.join(p.formats)}"
         case RunFailed():
             return f"FAILED in {p.stage}: {p.reason}"
+        case RunCancelled():
+            return f"cancelled by {p.requested_by}: {p.reason}"
         case RunRequested():
             return f"run {p.name} requested: stages {p.stages}"
     return p.model_dump_json()[:200]

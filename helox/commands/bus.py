@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
+import socket
 import time
 from datetime import UTC
 from typing import Annotated
@@ -11,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from contracts import TOPICS, TrainerCommand, topic, topic_for
+from contracts import TOPICS, RunCancelled, TrainerCommand, topic, topic_for
 from contracts.codec import envelope
 from shared.bus import admin
 from shared.bus.wire import encode_entry
@@ -118,3 +120,18 @@ def command(
     env = envelope(payload, producer=CLI_PRODUCER, run_id=run_id)
     client.xadd(topic_for(TrainerCommand).stream(settings.topic_prefix), encode_entry(env))
     console.print(f"sent {what} to {run_id} ({env.event_id})")
+
+
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="Run id (as `helox run` printed it).")],
+    reason: Annotated[str, typer.Option(help="Why, recorded in the event.")] = "cancelled by an operator",
+) -> None:
+    """Cancel RUN_ID: every service stops its work for the run and skips its later events
+    (data-prep abandons the dataset, the trainer checkpoints and stops, nothing more is
+    evaluated or exported); the stage at work ends the run with RunFailed (Cancelled)."""
+    settings = common.settings()
+    client = common.client(settings)
+    env = envelope(RunCancelled(reason=reason, requested_by=f"{getpass.getuser()}@{socket.gethostname()}"),
+                   producer=CLI_PRODUCER, run_id=run_id)
+    client.xadd(topic_for(RunCancelled).stream(settings.topic_prefix), encode_entry(env))
+    console.print(f"cancelled {run_id} ({env.event_id})")

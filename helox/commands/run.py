@@ -20,6 +20,7 @@ from contracts import (
     Envelope,
     EvaluationCompleted,
     ModelReady,
+    RunCancelled,
     RunFailed,
     RunRequested,
     TrainingCompleted,
@@ -153,6 +154,9 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig
             continue
         console.print(f"[dim]{elapsed:6.1f}s[/dim] {env.producer.service:<14} {describe(env)}", highlight=False)
         if isinstance(p, RunFailed):
+            _summary(seen, run_id, ok=False)
+            return 2 if p.stage == "request" else 1  # a refused request is a user error, as a bad config
+        if isinstance(p, RunCancelled):
             _summary(seen, run_id, ok=False)
             return 1
         if isinstance(p, terminal) and (not isinstance(p, EvaluationCompleted) or p.is_final):
