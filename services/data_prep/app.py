@@ -31,6 +31,7 @@ from shared.bus import Delivery
 from shared.cancellation import RunCancelledError, honour_cancellations, is_cancelled
 from shared.data.config import DataPrepConfig
 from shared.logging import get_logger
+from shared.retrieval import RetrieverUnavailableError, SynapseLink
 from shared.runs import (
     RunConfigError,
     RunConfigMissingError,
@@ -46,7 +47,7 @@ REQUEST_ERRORS = (InvalidRunConfigError, RunConfigError)
 """The request itself is unusable (a bad value in any section, an unreadable config file): the
 run fails at stage `request`, naming the field, before any work."""
 
-USER_ERRORS = (CorpusError, TokenizerError, SemanticDedupError, ValidationError)
+USER_ERRORS = (CorpusError, TokenizerError, SemanticDedupError, ValidationError, RetrieverUnavailableError)
 """Errors a retry cannot fix: the run fails at once, naming the reason."""
 
 PROGRESS_EVERY_S = 0.5
@@ -97,6 +98,12 @@ def prepare_config(store: ArtifactStore, run_id: str, request: RunRequested,
     return data, ref
 
 
+def synapse_link(rt: ServiceRuntime, env: Envelope[RunRequested]) -> SynapseLink:
+    """The retrieval stage's own (synchronous) way onto Synapse, as this instance, caused by the request."""
+    return SynapseLink(rt.settings.redis_url or "", rt.bus.prefix, rt.bus.producer, run_id=env.run_id,
+                       causation_id=env.event_id, correlation_id=env.correlation_id or env.event_id)
+
+
 async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], delivery: Delivery) -> None:
     req, run_id = env.payload, env.run_id
     if "data" not in req.stages:
@@ -140,7 +147,8 @@ async def handle_run_requested(rt: ServiceRuntime, env: Envelope[RunRequested], 
     rt.state.setdefault("cancel", {})[run_id] = cancelled
     try:
         rt.current_work = f"run {run_id}: data prep"
-        result = await asyncio.to_thread(prepare_dataset, config, rt.store, progress)
+        result = await asyncio.to_thread(prepare_dataset, config, rt.store, progress,
+                                         synapse=synapse_link(rt, env) if config.rag is not None else None)
     except RunCancelledError as exc:
         await _fail(rt, env, exc, retriable=False, error_type="Cancelled")
         await rt.idempotency.commit(key, "cancelled")

@@ -2,8 +2,9 @@
 
 Stages: ingest (read, decode, normalise) -> filter -> exact dedup -> near dedup (MinHash
 LSH, candidates verified on their exact Jaccard) -> semantic dedup (optional) -> split check
--> tokenizer (train or reuse) -> tokenize into shards -> manifest. Each stage returns a
-StageReport; `progress(stage, fraction)` is called as they go.
+-> tokenizer (train or reuse) -> tokenize into shards -> retrieval (only with a `rag` section:
+retrieved context packed into fixed windows, services/data_prep/retrieval.py) -> manifest.
+Each stage returns a StageReport; `progress(stage, fraction)` is called as they go.
 
 Lineage: the manifest lists the SHA-256 of every input file (inputs.per_file), and the dedup
 report (dedup_report.jsonl, its digest in the manifest) names every document a dedup stage
@@ -48,12 +49,14 @@ from services.data_prep.ingest import (
     expand_path,
     read_files,
 )
+from services.data_prep.retrieval import RetrieverChoice, choose_retriever, fallback_digest, retrieval_stage
 from services.data_prep.sharding import is_validation, validation_score, write_shards
-from services.data_prep.tokenizer import load_tokenizer, special_ids, token_dtype, train_tokenizer
+from services.data_prep.tokenizer import load_tokenizer, special_ids, token_dtype, train_tokenizer, user_defined_ids
 from shared.artifacts import ArtifactStore, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
-from shared.data.config import DataPrepConfig
+from shared.data.config import RAG_BOUNDARY_TOKENS, DataPrepConfig
 from shared.data.manifest import (
     MANIFEST_NAME,
+    PACKED_SCHEMA_VERSION,
     DedupReportInfo,
     HistogramInfo,
     InputFile,
@@ -68,6 +71,7 @@ from shared.data.manifest import (
     write_manifest,
 )
 from shared.logging import get_logger
+from shared.retrieval import SynapseLink
 
 PIPELINE_VERSION = "2"
 """Bump whenever a change to this package changes the bytes of a dataset for the same inputs.
@@ -91,7 +95,9 @@ _TASK_BYTES = 1 << 19  # input per worker task: amortises pickling, small enough
 
 # Parameters that cannot change a dataset's bytes, left out of its version: where the files
 # are (their content and relative paths are in), and how many processes do the work.
-_NOT_VERSIONED = ("corpus.roots", "corpus.sources[].path", "sharding.workers", "tokenizer.model_path")
+_NOT_VERSIONED = ("corpus.roots", "corpus.sources[].path", "sharding.workers", "tokenizer.model_path",
+                  "rag.discovery_timeout_s", "rag.request_timeout_s", "rag.batch_queries")
+"""(How long to wait for a retriever changes a dataset only through fallbacks, which change its version.)"""
 
 
 class CorpusChangedError(CorpusError):
@@ -130,17 +136,27 @@ def version_params(config: DataPrepConfig) -> dict[str, Any]:
         src.pop("path")
     params["sharding"].pop("workers")
     params["tokenizer"].pop("model_path")
+    if params.get("rag") is None:
+        params.pop("rag", None)  # versions of unpacked datasets stay what they were
+    else:
+        for name in ("discovery_timeout_s", "request_timeout_s", "batch_queries"):
+            params["rag"].pop(name)
     return params
 
 
-def dataset_version(config: DataPrepConfig, inputs_digest: str, tokenizer_sha256: str | None = None) -> str:
-    """Content-derived version id: inputs, parameters, reused tokenizer and PIPELINE_VERSION."""
-    payload = {
+def dataset_version(config: DataPrepConfig, inputs_digest: str, tokenizer_sha256: str | None = None,
+                    retrieval: dict[str, Any] | None = None) -> str:
+    """Content-derived version id: inputs, parameters, reused tokenizer, PIPELINE_VERSION and, for a
+    RAG-packed dataset, the retriever and its index digest (RetrieverChoice.identity; after a fallback
+    mid-run, also the packed shards' digest)."""
+    payload: dict[str, Any] = {
         "pipeline_version": PIPELINE_VERSION,
         "params": version_params(config),
         "inputs": inputs_digest,
         "tokenizer": tokenizer_sha256,
     }
+    if retrieval is not None:
+        payload["retrieval"] = retrieval
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return "ds-" + hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
@@ -251,12 +267,16 @@ def _resolve_tokenizer(
     return None, None, None, config.tokenizer.model_type
 
 
-def plan_version(config: DataPrepConfig, store: ArtifactStore, base_dir: str | Path | None = None) -> str:
-    """The version id prepare_dataset would produce for this config and the inputs as they are now."""
+def plan_version(config: DataPrepConfig, store: ArtifactStore, base_dir: str | Path | None = None,
+                 synapse: SynapseLink | None = None) -> str:
+    """The version id prepare_dataset would produce for this config and the inputs as they are now
+    (with a `rag` section: with the retriever discovered now, and no fallback during packing)."""
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     _, inputs = hash_inputs(discover_files(config.corpus, base))
     tok_model, *_ = _resolve_tokenizer(config, store, base)
-    return dataset_version(config, inputs.digest, sha256_bytes(tok_model) if tok_model else None)
+    choice = choose_retriever(config.rag, synapse) if config.rag is not None else None
+    return dataset_version(config, inputs.digest, sha256_bytes(tok_model) if tok_model else None,
+                           choice.identity() if choice else None)
 
 
 def _verified_dataset(path: Path) -> tuple[Manifest | None, str]:
@@ -279,6 +299,10 @@ def _verified_dataset(path: Path) -> tuple[Manifest | None, str]:
               ("histograms", manifest.histograms.path, manifest.histograms.sha256)]
     if manifest.dedup_report is not None:
         others.append(("dedup report", manifest.dedup_report.path, manifest.dedup_report.sha256))
+    if manifest.rag is not None:
+        idx = manifest.rag.index
+        others.append(("retrieval report", manifest.rag.report.path, manifest.rag.report.sha256))
+        others += [("retrieval index", f"{idx.path}/{name}", digest) for name, digest in idx.files.items()]
     for name, rel, digest in others:
         p = path / rel
         if not p.is_file() or sha256_file(p) != digest:
@@ -292,6 +316,7 @@ def prepare_dataset(
     progress: ProgressFn | None = None,
     *,
     base_dir: str | Path | None = None,
+    synapse: SynapseLink | None = None,
 ) -> PrepareResult:
     """Build (or reuse) the dataset the config describes in ``<store>/datasets/<version>/``.
 
@@ -300,6 +325,9 @@ def prepare_dataset(
     CorpusFormatError, ParentDatasetError, ...), TokenizerError or SemanticDedupError, each
     naming what to fix. Worker processes are spawned: a script calling this needs the
     ``if __name__ == "__main__":`` guard.
+
+    With a `rag` section, `synapse` is how the retrieval stage reaches Cyrex (None: the local
+    index serves; rag.retriever 'cyrex' then raises RetrieverUnavailableError).
     """
     report_progress = progress or (lambda stage, fraction: None)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -321,7 +349,9 @@ def prepare_dataset(
     file_digests, inputs = hash_inputs(files)
     t = lap("hash_inputs", t)
     tok_model, tok_source, parent_version, tok_type = _resolve_tokenizer(config, store, base)
-    version = dataset_version(config, inputs.digest, sha256_bytes(tok_model) if tok_model else None)
+    choice = choose_retriever(config.rag, synapse) if config.rag is not None else None
+    version = dataset_version(config, inputs.digest, sha256_bytes(tok_model) if tok_model else None,
+                              choice.identity() if choice else None)
     final = store.path("datasets", version)
     status = "built"
     if final.exists():
@@ -349,8 +379,10 @@ def prepare_dataset(
             timings["pool_start"] = time.perf_counter() - t
             manifest, reports, manifest_s = _build(
                 config, files, file_digests, inputs, version, tok_model, tok_source, tok_type, parent_version,
-                tmp, pool, report_progress, workers, outside_roots=outside,
+                tmp, pool, report_progress, workers, outside_roots=outside, rag_choice=choice, synapse=synapse,
             )
+        if manifest.version != version:  # a RAG fallback mid-run: a dataset of its own version
+            final = store.path("datasets", manifest.version)
         t = time.perf_counter()
         write_manifest(manifest, tmp / MANIFEST_NAME)
         fsync_dir(tmp)
@@ -431,6 +463,8 @@ def _build(
     workers: int,
     *,
     outside_roots: list[str],
+    rag_choice: RetrieverChoice | None = None,
+    synapse: SynapseLink | None = None,
 ) -> tuple[Manifest, list[StageReport], float]:
     """The stages, written into `out`: (manifest, stage reports, seconds spent on the manifest's files)."""
     reports: list[StageReport] = []
@@ -546,9 +580,11 @@ def _build(
     t0 = time.perf_counter()
     report_progress("tokenizer", 0.0)
     trained = tok_model is None
+    boundary = RAG_BOUNDARY_TOKENS if config.rag is not None else ()
     if trained:
-        tok_model = train_tokenizer([d.text for d in docs], config.tokenizer)
+        tok_model = train_tokenizer([d.text for d in docs], config.tokenizer, boundary)
     sp = load_tokenizer(tok_model)
+    user_defined_ids(sp, boundary)  # a reused tokenizer without the boundary pieces fails here
     vocab = sp.vocab_size()
     ids = special_ids(sp)
     atomic_write_bytes(out / TOKENIZER_FILE, tok_model)
@@ -576,6 +612,22 @@ def _build(
     from safetensors.numpy import save
 
     tokenize_s = time.perf_counter() - t0
+    shards = sharded.shards
+    rag_info = None
+    if config.rag is not None:
+        assert rag_choice is not None
+        t_rag = time.perf_counter()
+        report_progress("retrieval", 0.0)
+        outcome = retrieval_stage(docs, removed_records, sharded.shards, out, sp, dtype, sh, config.rag, rag_choice,
+                                  synapse, lambda f: report_progress("retrieval", f))
+        shards, rag_info = outcome.shards, outcome.info
+        if any(f.from_retriever is not None for f in rag_info.fallbacks):
+            version = dataset_version(config, inputs.digest, tokenizer.sha256 if not trained else None,
+                                      {**rag_choice.identity(), "packed": fallback_digest(shards)})
+        rag_report = StageReport(
+            stage="retrieval", docs_in=len(docs), docs_out=len(docs), bytes_in=_nbytes(docs),
+            bytes_out=sum(s.size_bytes for s in shards), seconds=time.perf_counter() - t_rag, details=outcome.details,
+        )
     t_manifest = time.perf_counter()
     hist_bytes = save(sharded.histograms, metadata={"dataset_version": version, "vocab_size": str(vocab)})
     atomic_write_bytes(out / HISTOGRAM_FILE, hist_bytes)
@@ -593,9 +645,12 @@ def _build(
             "workers": workers,
         },
     ))
+    if rag_info is not None:
+        reports.append(rag_report)
 
     report_progress("manifest", 0.0)
     manifest = Manifest(
+        schema_version=PACKED_SCHEMA_VERSION if rag_info is not None else 1,
         version=version,
         parent_version=parent_version,
         pipeline_version=PIPELINE_VERSION,
@@ -603,7 +658,7 @@ def _build(
         inputs=inputs,
         dtype=dtype,
         tokenizer=tokenizer,
-        shards=sharded.shards,
+        shards=shards,
         domains=sharded.domains,
         stages=reports,
         histograms=HistogramInfo(
@@ -613,6 +668,7 @@ def _build(
         dedup_report=DedupReportInfo(
             path=DEDUP_REPORT_FILE, sha256=sha256_bytes(report_bytes), size_bytes=len(report_bytes), records=by_stage,
         ),
+        rag=rag_info,
     )
     return manifest, reports, time.perf_counter() - t_manifest
 

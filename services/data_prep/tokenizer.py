@@ -41,8 +41,11 @@ def training_lines(texts: list[str], sample_size: int, seed: int) -> list[str]:
     return [lines[i] for i in picked]
 
 
-def train_tokenizer(texts: list[str], cfg: TokenizerConfig) -> bytes:
+def train_tokenizer(texts: list[str], cfg: TokenizerConfig, user_defined_symbols: tuple[str, ...] = ()) -> bytes:
     """Train a sentencepiece model on the documents; returns the serialised model.
+
+    `user_defined_symbols` become single pieces that encode and decode as themselves (RAG
+    packing's boundary tokens, shared.data.config.RAG_BOUNDARY_TOKENS).
 
     One thread: the thread count is recorded in the model file, and a dataset's bytes must not
     depend on the machine (two threads save ~15% of a ~2 s training on the stdlib corpus).
@@ -75,6 +78,7 @@ def train_tokenizer(texts: list[str], cfg: TokenizerConfig) -> bytes:
             eos_id=EOS_ID,
             num_threads=1,
             minloglevel=2,
+            **({"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}),
         )
     except RuntimeError as e:
         if "required_chars" in str(e):
@@ -109,6 +113,25 @@ def load_tokenizer(model: bytes | str | Path) -> spm.SentencePieceProcessor:
 def special_ids(sp: spm.SentencePieceProcessor) -> dict[str, int]:
     """The reserved ids of a processor (-1 where undefined)."""
     return {"pad": sp.pad_id(), "unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id()}
+
+
+def user_defined_ids(sp: spm.SentencePieceProcessor, symbols: tuple[str, ...]) -> dict[str, int]:
+    """The ids of user-defined pieces; raises TokenizerError naming those the model lacks."""
+    ids = {s: sp.piece_to_id(s) for s in symbols}
+    missing = [s for s, i in ids.items() if i == sp.unk_id() or not _user_defined(sp, i)]
+    if missing:
+        raise TokenizerError(
+            f"the tokenizer has no user-defined piece for {missing}: RAG packing (data.rag) needs "
+            f"{list(symbols)}; train a new tokenizer (drop tokenizer.from_dataset / tokenizer.model_path) "
+            "or reuse one trained with data.rag set"
+        )
+    return ids
+
+
+def _user_defined(sp: spm.SentencePieceProcessor, i: int) -> bool:
+    # sentencepiece's Python API has no is_user_defined; such a piece encodes to itself alone
+    piece = sp.id_to_piece(i)
+    return sp.encode(piece) == [i] and not sp.is_control(i) and not sp.is_byte(i)
 
 
 def token_dtype(vocab_size: int) -> str:

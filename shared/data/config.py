@@ -128,6 +128,39 @@ class ShardingConfig(StrictModel):
     seed: int = Field(default=0, ge=0, description="Salt of the document-hash train/validation split.")
 
 
+RAG_BOUNDARY_TOKENS = ("<ctx>", "</ctx>", "<doc>")
+"""The packed window's boundary pieces, user-defined symbols of the sentencepiece model:
+`<ctx>` opens and `</ctx>` closes a retrieved chunk, `<doc>` starts the base text."""
+
+
+class RagConfig(StrictModel):
+    """RAG-aware packing (opt-in): retrieved chunks in front of each training window, masked from the loss."""
+
+    retriever: Literal["auto", "cyrex", "local"] = Field(
+        default="auto",
+        description="auto: Cyrex if one is discovered on Synapse, else the local BM25 index; cyrex: Cyrex "
+        "required (the run fails without one); local: the local index, Synapse never asked.",
+    )
+    k: int = Field(default=3, ge=1, le=64, description="Chunks retrieved per window (fewer fit when the budget is spent).")
+    seq_len: int = Field(
+        default=256, ge=16, le=1 << 16,
+        description="Tokens of a packed window (each sample holds seq_len + 1); train.batch.seq_len must not exceed it.",
+    )
+    context_budget: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="Largest share of the window the retrieved part (boundaries included) takes."
+    )
+    query_chars: int = Field(default=400, ge=16, description="Characters of the window's base text used as its query.")
+    chunk_tokens: int = Field(default=48, ge=4, le=4096, description="Tokens per chunk of the local index (whole lines).")
+    discovery_timeout_s: float = Field(default=2.0, ge=0.0, le=600.0,
+                                       description="How long to wait for a live Cyrex heartbeat.")
+    request_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0,
+                                     description="Deadline of one retrieval request; unanswered, the local index serves.")
+    batch_queries: int = Field(default=64, ge=1, le=1024, description="Queries per RetrievalRequested.")
+    context_loss_weight: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Loss weight of retrieved and boundary tokens (base tokens weigh 1)."
+    )
+
+
 class DataPrepConfig(StrictModel):
     """Everything that decides a dataset: its corpus (default: the stdlib demo corpus) and every parameter."""
 
@@ -137,6 +170,7 @@ class DataPrepConfig(StrictModel):
     semantic: SemanticConfig = Field(default_factory=SemanticConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     sharding: ShardingConfig = Field(default_factory=ShardingConfig)
+    rag: RagConfig | None = Field(default=None, description="RAG-aware packing; None: plain token shards.")
 
 
 def stdlib_dir() -> str:

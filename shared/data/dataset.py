@@ -16,6 +16,13 @@ batch of ``batch_size * world_size`` samples starts at the cursor; rank r takes 
 contiguous slice. With DataLoader workers, worker w produces the batches j = w (mod W) of
 its iterator, so the DataLoader's round-robin order hands out batches in cursor order.
 
+RAG-packed datasets (``manifest.rag``): a domain's stream is a run of fixed records of
+``rag.record_tokens`` tokens (see shared.data.manifest); the k-th sample takes record
+``perm(k mod n)`` of the n records, the same counter-based way. A shorter window (the
+curriculum's seq_len below rag.seq_len) is cut from the record by `crop_window`: the retrieved
+part goes first, the base text's targets last. Batches then carry `loss_mask` (the kinds'
+weights, rag.weights) and `token_kind` (the kind of each label: 0 pad, 1 retrieved, 2 base).
+
 Use `BatchLoader` in the trainer (it implements the trainer's BatchSource protocol): it owns
 the cursor. A batch only counts once the trainer received it; prefetched batches that were
 never consumed are thrown away when the weights, batch size or sequence length change (the
@@ -36,7 +43,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shared.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, Split, check_shard, load_manifest
+from shared.data.manifest import (
+    MANIFEST_NAME,
+    MASK_BASE,
+    MASK_CONTEXT,
+    Manifest,
+    ShardInfo,
+    Split,
+    check_shard,
+    load_manifest,
+)
 
 SAMPLER = "splitmix64-counter/v1"
 """Identifies the sampling algorithm in resume states: a state from another sampler is refused."""
@@ -122,23 +138,36 @@ class DomainStream:
         self.offsets = np.cumsum([0] + [s.tokens for s in shards])
         self.tokens = int(self.offsets[-1])
         self._maps: list[np.memmap] | None = None
+        self._masks: list[np.memmap] | None = None
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None, "_pid": -1}  # memmaps are reopened, not pickled
+        return {**self.__dict__, "_maps": None, "_masks": None, "_pid": -1}  # memmaps are reopened, not pickled
 
-    def _arrays(self) -> list[np.memmap]:
+    def _arrays(self, masks: bool = False) -> list[np.memmap]:
         if self._maps is None or self._pid != os.getpid():
             self._maps = [np.memmap(self.root / s.path, dtype=s.dtype, mode="r") for s in self.shards]
+            self._masks = None
             self._pid = os.getpid()
-        return self._maps
+        if not masks:
+            return self._maps
+        if self._masks is None:
+            missing = [s.path for s in self.shards if s.mask is None]
+            if missing:
+                raise DatasetError(f"shard(s) {missing} of domain {self.name!r} have no mask file")
+            self._masks = [np.memmap(self.root / s.mask.path, dtype=np.uint8, mode="r") for s in self.shards]  # type: ignore[union-attr]
+        return self._masks
 
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) as int64, across shard boundaries."""
+    def read_kinds(self, start: int, length: int) -> np.ndarray:
+        """Token kinds [start, start + length) of a packed stream (its mask files) as uint8."""
+        return self.read(start, length, masks=True).astype(np.uint8)
+
+    def read(self, start: int, length: int, masks: bool = False) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries (masks: the kinds instead)."""
         if start < 0 or start + length > self.tokens:
             raise DatasetError(f"read [{start}, {start + length}) outside domain {self.name!r} ({self.tokens} tokens)")
         out = np.empty(length, dtype=np.int64)
-        arrays = self._arrays()
+        arrays = self._arrays(masks)
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         pos, filled = start, 0
         while filled < length:
@@ -174,6 +203,22 @@ def open_streams(
     return manifest, streams
 
 
+def crop_window(tokens: np.ndarray, kinds: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`length` tokens of a packed record (and their kinds), the retrieved part cut first.
+
+    When the marker and the base text fit, the record's last `length` tokens (context, then
+    padding, cut from the front); otherwise the marker and the first length - 1 base tokens.
+    """
+    n = len(tokens)
+    if length >= n:
+        return tokens, kinds
+    base = np.flatnonzero(kinds == MASK_BASE)
+    marker = int(base[0]) - 1 if base.size else n - length
+    if n - marker <= length:
+        return tokens[n - length :], kinds[n - length :]
+    return tokens[marker : marker + length], kinds[marker : marker + length]
+
+
 # --- batches ----------------------------------------------------------------------------
 
 
@@ -186,6 +231,7 @@ class Batch:
     domain: torch.Tensor  # (B,) int64, index into TokenDataset.domains
     cursor: int  # global index of the first sample of the global batch
     loss_mask: torch.Tensor | None = None  # (B, T) float32, 0 where a label must not count
+    token_kind: torch.Tensor | None = None  # (B, T) uint8, packed datasets: each label's kind (0 pad, 1 ctx, 2 base)
 
     @property
     def tokens(self) -> int:
@@ -194,11 +240,12 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return replace(self, input_ids=move(self.input_ids), labels=move(self.labels), domain=move(self.domain),
-                       loss_mask=move(self.loss_mask))
+                       loss_mask=move(self.loss_mask), token_kind=move(self.token_kind))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Batch:
-        return cls(d["input_ids"], d["labels"], d["domain"], int(d["cursor"]), d.get("loss_mask"))
+        return cls(d["input_ids"], d["labels"], d["domain"], int(d["cursor"]), d.get("loss_mask"),
+                   d.get("token_kind"))
 
 
 @dataclass
@@ -243,6 +290,7 @@ class TokenDataset(IterableDataset):
         if not self.streams:
             raise DatasetError(f"dataset {self.manifest.version} has no {split} tokens")
         self.split = split
+        self.rag = self.manifest.rag
         self.domains = self.manifest.domain_names  # all domains, so indices agree across splits
         self.eos_id = self.manifest.tokenizer.eos_id
         self.rank, self.world_size = rank, world_size
@@ -298,6 +346,11 @@ class TokenDataset(IterableDataset):
         """Per-rank batch size and sequence length of the batches iteration yields."""
         if batch_size < 1 or seq_len < 1:
             raise DatasetError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        if self.rag is not None and seq_len > self.rag.seq_len:
+            raise DatasetError(
+                f"seq_len {seq_len} is longer than the packed windows of dataset {self.manifest.version} "
+                f"(rag.seq_len = {self.rag.seq_len}): lower train.batch.seq_len or raise data.rag.seq_len"
+            )
         self.batch_size, self.seq_len = batch_size, seq_len
 
     @property
@@ -374,7 +427,11 @@ class TokenDataset(IterableDataset):
     def _windows(self, d: int, k: np.ndarray, seq_len: int) -> np.ndarray:
         """Start token of the window of the k-th samples of domain d."""
         stream = self.streams[self.domains[d]]
-        n = (stream.tokens - 1) // seq_len
+        if self.rag is not None:  # whole records, whatever the (cropped) seq_len
+            seq_len = self.rag.record_tokens
+            n = stream.tokens // seq_len
+        else:
+            n = (stream.tokens - 1) // seq_len
         if n < 1:
             raise DatasetError(
                 f"domain {stream.name!r} has {stream.tokens} {self.split} tokens, fewer than seq_len + 1 = "
@@ -401,6 +458,8 @@ class TokenDataset(IterableDataset):
         for d in np.unique(doms):
             sel = doms == d
             starts[sel] = self._windows(int(d), ks[sel], snap.seq_len)
+        if self.rag is not None:
+            return self._packed_batch(doms, starts, cursor, snap.seq_len)
         rows = np.stack([
             self.streams[self.domains[d]].read(int(s), snap.seq_len + 1) for d, s in zip(doms, starts, strict=True)
         ])
@@ -414,6 +473,30 @@ class TokenDataset(IterableDataset):
         if self.mask_cross_document:
             # predicting a document's first token from the previous document teaches nothing
             out["loss_mask"] = (out["input_ids"] != self.eos_id).float()
+        return out
+
+    def _packed_batch(self, doms: np.ndarray, starts: np.ndarray, cursor: int, seq_len: int) -> dict[str, torch.Tensor]:
+        assert self.rag is not None
+        rows, kinds = [], []
+        for d, s in zip(doms, starts, strict=True):
+            stream = self.streams[self.domains[d]]
+            tok, kind = crop_window(stream.read(int(s), self.rag.record_tokens),
+                                    stream.read_kinds(int(s), self.rag.record_tokens), seq_len + 1)
+            rows.append(tok)
+            kinds.append(kind)
+        tokens = torch.from_numpy(np.stack(rows))
+        label_kind = torch.from_numpy(np.stack(kinds)[:, 1:].copy())
+        mask = torch.tensor(self.rag.weights, dtype=torch.float32)[label_kind.long()]
+        out = {
+            "input_ids": tokens[:, :-1].contiguous(),
+            "labels": tokens[:, 1:].contiguous(),
+            "domain": torch.from_numpy(doms),
+            "cursor": torch.tensor(cursor),
+            "loss_mask": mask,
+            "token_kind": label_kind,
+        }
+        if self.mask_cross_document:
+            out["loss_mask"] = out["loss_mask"] * (out["input_ids"] != self.eos_id).float()
         return out
 
     def snapshot(self) -> _Snapshot:
@@ -521,6 +604,8 @@ class BatchLoader:
         out = {"input_ids": b.input_ids, "labels": b.labels, "domain": b.domain}
         if b.loss_mask is not None:
             out["loss_mask"] = b.loss_mask
+        if b.token_kind is not None:
+            out["token_kind"] = b.token_kind
         return out
 
     def set_batch_size(self, batch_size: int) -> None:
@@ -578,8 +663,15 @@ def validation_batches(
     Windows of seq_len + 1 tokens overlap by one, so every token but a domain's first is a
     label exactly once. The last window is padded with the pad id and masked out (loss_mask 0);
     batches never mix domains. `Batch.cursor` is the window index within the domain.
+
+    A packed dataset yields its records in order (cropped by `crop_window` to seq_len + 1):
+    every base token is a label exactly once; loss_mask counts the base labels only (whatever
+    rag.context_loss_weight), and token_kind says what each label is.
     """
     manifest, streams = open_streams(manifest_path, split, verify)
+    if manifest.rag is not None:
+        yield from _packed_validation_batches(manifest, streams, batch_size, seq_len, domains, split)
+        return
     pad = max(manifest.tokenizer.pad_id, 0)
     names = domains if domains is not None else sorted(streams)
     unknown = sorted(set(names) - set(streams))
@@ -607,3 +699,41 @@ def validation_batches(
                 domain=torch.full((len(rows),), d, dtype=torch.int64), cursor=first,
                 loss_mask=torch.from_numpy(np.stack(masks)),
             )
+
+
+def _packed_validation_batches(
+    manifest: Manifest, streams: dict[str, DomainStream], batch_size: int, seq_len: int,
+    domains: list[str] | None, split: Split,
+) -> Iterator[tuple[str, Batch]]:
+    rag = manifest.rag
+    assert rag is not None
+    if seq_len > rag.seq_len:
+        raise DatasetError(f"seq_len {seq_len} is longer than the packed windows of dataset {manifest.version} "
+                           f"(rag.seq_len = {rag.seq_len})")
+    names = domains if domains is not None else sorted(streams)
+    unknown = sorted(set(names) - set(streams))
+    if unknown:
+        raise DatasetError(f"no {split} tokens for domain(s) {unknown}; available: {sorted(streams)}")
+    W = rag.record_tokens
+    for name in names:
+        d = manifest.domain_names.index(name)
+        stream = streams[name]
+        n = stream.tokens // W
+        for first in range(0, n, batch_size):
+            rows, kinds = [], []
+            for r in range(first, min(first + batch_size, n)):
+                tok, kind = crop_window(stream.read(r * W, W), stream.read_kinds(r * W, W), seq_len + 1)
+                rows.append(tok)
+                kinds.append(kind)
+            tokens = torch.from_numpy(np.stack(rows))
+            label_kind = torch.from_numpy(np.stack(kinds)[:, 1:].copy())
+            yield name, Batch(
+                input_ids=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
+                domain=torch.full((len(rows),), d, dtype=torch.int64), cursor=first,
+                loss_mask=(label_kind == MASK_BASE).float(), token_kind=label_kind,
+            )
+
+
+def retrieved_fraction(token_kind: torch.Tensor) -> float:
+    """Share of a packed batch's label positions that are retrieved context (boundaries included)."""
+    return float((token_kind == MASK_CONTEXT).float().mean()) if token_kind.numel() else 0.0

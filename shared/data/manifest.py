@@ -9,6 +9,13 @@ A dataset lives in one directory of the artifact store, ``datasets/<version>/``:
     train/<domain>/shard_00000.bin flat token ids, documents separated by EOS
     val/<domain>/shard_00000.bin
 
+A RAG-packed dataset (``rag`` set, schema 2) holds fixed-size windows instead of a flat stream:
+each shard is a run of records of ``rag.record_tokens`` tokens (pad, retrieved chunks wrapped in
+``<ctx>``/``</ctx>``, the ``<doc>`` marker, then the base text), and beside it
+``shard_00000.mask.bin`` holds one uint8 per token saying what it is (``rag.mask_kinds``: 0 pad,
+1 retrieved or boundary, 2 base), from which the loss weights follow (``RagInfo.weights``). The
+local retrieval index lives in ``rag_index/`` (`RetrievalIndexInfo`).
+
 Shard paths in the manifest are relative to that directory, so a dataset can be moved.
 """
 
@@ -25,7 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_fie
 from shared.artifacts import atomic_write_bytes, sha256_file
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
+"""The newest schema this reader knows. 1: flat token shards; 2: RAG-packed shards (`Manifest.rag`)."""
+PACKED_SCHEMA_VERSION = 2
 Split = Literal["train", "val"]
 SPLITS: tuple[Split, ...] = ("train", "val")
 
@@ -71,15 +80,24 @@ class StageReport(_Model):
         return self.bytes_in / 1e6 / self.seconds if self.seconds > 0 else float("inf")
 
 
+class MaskFileInfo(_Model):
+    """The per-token kinds of a packed shard (uint8, one per token of the shard)."""
+
+    path: str = Field(description="Relative to the dataset directory.")
+    sha256: str
+    size_bytes: int
+
+
 class ShardInfo(_Model):
     path: str = Field(description="Relative to the dataset directory.")
     split: Split
     domain: str
     sha256: str
     size_bytes: int
-    documents: int
+    documents: int = Field(description="Documents (flat shards) or records (packed shards).")
     tokens: int
     dtype: Literal["uint16", "uint32"]
+    mask: MaskFileInfo | None = Field(default=None, description="Packed datasets: the token kinds file.")
 
 
 class DomainStats(_Model):
@@ -150,8 +168,73 @@ class DedupReportInfo(_Model):
     records: dict[str, int] = Field(default_factory=dict, description="Removed documents per stage.")
 
 
+MASK_PAD, MASK_CONTEXT, MASK_BASE = 0, 1, 2
+"""Token kinds of a packed shard's mask file."""
+
+
+class RetrievalIndexInfo(_Model):
+    """The local BM25 index (shared.retrieval.LocalIndex) saved with the dataset."""
+
+    path: str = Field(description="Directory, relative to the dataset directory.")
+    sha256: str = Field(description="shared.retrieval.index_digest of the directory.")
+    files: dict[str, str] = Field(description="File name -> SHA-256.")
+    size_bytes: int
+    method: Literal["bm25"] = "bm25"
+    chunks: int
+    documents: int = Field(description="Documents (flat shards) or records (packed shards).")
+    chunk_tokens: int
+
+
+class RetrievalFallbackInfo(_Model):
+    """One fallback: which retriever was given up on, for what, why, and how many queries it cost."""
+
+    from_retriever: str | None
+    to_retriever: str
+    reason: str
+    queries: int
+    split: str | None = None
+
+
+class RetrievalReportInfo(_Model):
+    """retrieval_report.jsonl: one line per window: window ('<split>/<domain>/<n>', n its record in
+    that stream), sources (origins of the documents its base text covers), retriever (which one
+    served it) and chunks ([{chunk_id, source_id}], those packed, in order)."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+
+
+class RagInfo(_Model):
+    """What the retrieval stage did and how to read the packed shards."""
+
+    seq_len: int = Field(description="Window length; a record holds seq_len + 1 tokens.")
+    record_tokens: int
+    context_budget: float
+    context_loss_weight: float
+    boundary_ids: dict[str, int] = Field(description="'<ctx>', '</ctx>', '<doc>' -> token id.")
+    mask_kinds: dict[str, int] = Field(default_factory=lambda: {"pad": MASK_PAD, "context": MASK_CONTEXT,
+                                                                "base": MASK_BASE})
+    retriever: str = Field(description="Retriever chosen at discovery: 'local-bm25' or 'cyrex:<instance>'.")
+    retriever_index_digest: str | None = Field(default=None, description="The chosen retriever's index digest.")
+    index: RetrievalIndexInfo
+    windows: dict[str, int] = Field(description="Windows per split.")
+    queries_by_retriever: dict[str, int] = Field(description="Queries each retriever answered.")
+    chunks_by_retriever: dict[str, int] = Field(description="Packed chunks each retriever served.")
+    fallbacks: list[RetrievalFallbackInfo] = Field(default_factory=list)
+    leakage_rejected: int = Field(default=0, description="Retrieved chunks dropped by the leakage rule (own "
+                                  "document, its duplicates, validation documents).")
+    tokens: dict[str, int] = Field(description="Tokens per kind over every record: pad, context, base.")
+    report: RetrievalReportInfo
+
+    @property
+    def weights(self) -> list[float]:
+        """Loss weight per mask kind (index = kind)."""
+        return [0.0, self.context_loss_weight, 1.0]
+
+
 class Manifest(_Model):
-    schema_version: int = MANIFEST_SCHEMA_VERSION
+    schema_version: int = Field(default=1, description="1 for flat shards, 2 (PACKED_SCHEMA_VERSION) when packed.")
     version: str
     parent_version: str | None = None
     pipeline_version: str
@@ -165,6 +248,7 @@ class Manifest(_Model):
     stages: list[StageReport]
     histograms: HistogramInfo
     dedup_report: DedupReportInfo | None = Field(default=None, description="None in datasets of pipeline version 1.")
+    rag: RagInfo | None = Field(default=None, description="Set when the shards are RAG-packed windows.")
 
     def shards_for(self, split: Split, domain: str | None = None) -> list[ShardInfo]:
         """Shards of a split (optionally one domain), in stream order."""
@@ -227,6 +311,12 @@ def check_shard(dataset_dir: Path, shard: ShardInfo, full: bool = False) -> Path
                 f"shard {p} has SHA-256 {digest}, the manifest says {shard.sha256}: "
                 "the file is corrupt; re-run data prep"
             )
+    if shard.mask is not None:
+        m = dataset_dir / shard.mask.path
+        if not m.is_file() or m.stat().st_size != shard.mask.size_bytes or shard.mask.size_bytes != shard.tokens:
+            raise ShardCorruptError(f"mask file {m} of shard {p} is missing or has the wrong size: re-run data prep")
+        if full and sha256_file(m) != shard.mask.sha256:
+            raise ShardCorruptError(f"mask file {m} of shard {p} does not match its SHA-256: re-run data prep")
     return p
 
 
@@ -270,6 +360,17 @@ def verify_dataset(manifest_path: str | Path, full: bool = True) -> VerifyReport
     if manifest.dedup_report is not None:
         r = manifest.dedup_report
         files.append(("dedup report", r.path, r.sha256, r.size_bytes))
+    if manifest.rag is not None:
+        r = manifest.rag.report
+        files.append(("retrieval report", r.path, r.sha256, r.size_bytes))
+        index = manifest.rag.index
+        for fname, sha in index.files.items():
+            report.checked_files += 1
+            p = root / index.path / fname
+            if not p.is_file():
+                report.problems.append(f"retrieval index file {p} is missing")
+            elif full and sha256_file(p) != sha:
+                report.problems.append(f"retrieval index file {p} does not match its SHA-256 in the manifest")
     for name, rel, sha, size in files:
         report.checked_files += 1
         p = root / rel

@@ -52,6 +52,7 @@ CHANGES: dict[str, Any] = {
     "sharding.shard_tokens": 4_001,
     "sharding.val_fraction": 0.2,
     "sharding.seed": 1,
+    "rag": {"retriever": "local"},  # RAG packing on; its own fields: tests/rag/test_packing.py
 }
 NOT_VERSIONED: dict[str, Any] = {
     "corpus.roots": ["corpus", "."],
