@@ -50,7 +50,6 @@ class ParityConfig(StrictModel):
     enabled: bool = True
     sequences: int = Field(default=4, ge=2, description="Validation sequences the checks run on.")
     seq_len: int = Field(default=64, ge=4, description="Length of those sequences (shorter ones are made from them).")
-    train_eval_tol: float = Field(default=1e-6, ge=0, description="Max |logit diff|, train vs eval mode (no dropout).")
     batch_tol: float = Field(default=1e-4, ge=0, description="Max |logit diff|, batch 1 vs right-padded batch.")
     kv_cache_tol: float = Field(default=1e-4, ge=0, description="Max |logit diff|, KV-cache decoding vs full forward.")
     int8: bool = Field(default=True, description="Check int8 dynamic quantisation (nn.Linear).")
