@@ -41,7 +41,7 @@ from shared.model import Llama
 from shared.version import code_version as current_code_version
 
 from . import gguf_export, hf, native, onnx_export, tensorrt
-from .config import FORMATS, ExportConfig
+from .config import FORMATS, GGUF_TYPES, ExportConfig
 from .provenance import (
     SIGNATURE_ALGORITHM,
     canonical_json,
@@ -148,7 +148,7 @@ def _reusable(path: Path, key: str | bytes, wm_key_id: str | None, options: dict
         return None
     if (manifest.get("watermark") or {}).get("key_id") != wm_key_id:
         return None
-    report = verify_export(path, key, check_watermark=False)
+    report = verify_export(path, key, check_watermark=False, check_loads=False)
     return manifest if report.ok and report.status("signature") == "pass" else None
 
 
@@ -171,18 +171,21 @@ def export_checkpoint(
     *,
     run_id: str,
     dataset_version: str | None,
-    config_hash: str,
+    config_hash: str | None,
     signing_key: str | bytes,
     watermark_key: str | bytes | None = None,
     config: ExportConfig | None = None,
     metrics: Mapping[str, float] | None = None,
     expected_digest: str | None = None,
     code_version: str | None = None,
+    gguf_types: list[str] | tuple[str, ...] | None = None,
 ) -> ExportResult:
     """Export a verified checkpoint into `out_dir/<digest[:24]>/` and return what was written.
 
-    `formats` overrides `config.formats` when given. The watermark key defaults to one derived
-    from the signing key. Raises CheckpointCorruptError for a bad checkpoint, ExportParityError
+    `formats` overrides `config.formats` and `gguf_types` `config.gguf_types` when given.
+    `config_hash` is the run config's hash; None (an offline export, no run) leaves it out of
+    the lineage and the files' metadata rather than writing a made-up one. The watermark key
+    defaults to one derived from the signing key. Raises CheckpointCorruptError for a bad checkpoint, ExportParityError
     when a format does not match PyTorch (with config.parity.fail_on_mismatch), ExportError when
     the finished export fails its own verification.
     """
@@ -190,7 +193,13 @@ def export_checkpoint(
     wanted = list(dict.fromkeys(formats if formats is not None else cfg.formats))
     unknown = [f for f in wanted if f not in FORMATS]
     if unknown:
-        raise ValueError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
+        raise ExportError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
+    if gguf_types is not None:
+        types = list(dict.fromkeys(gguf_types))
+        unknown = [t for t in types if t not in GGUF_TYPES]
+        if unknown or not types:
+            raise ExportError(f"unknown GGUF type(s) {unknown or types} in gguf_types; choose from {list(GGUF_TYPES)}")
+        cfg = cfg.model_copy(update={"gguf_types": types})
     if "tensorrt" in wanted and "onnx" not in wanted:
         wanted.insert(wanted.index("tensorrt"), "onnx")  # the engine is built from the ONNX graph
     checkpoint_dir, out_root = Path(checkpoint_dir), Path(out_dir)
@@ -206,7 +215,7 @@ def export_checkpoint(
     wm_key = (watermark_key if watermark_key is not None else derive_watermark_key(signing_key)) \
         if cfg.watermark.enabled else None
     wm_key_id = key_id(wm_key) if wm_key is not None else None
-    options = {"formats": wanted, "quantisations": list(cfg.quantisations), "onnx_kv_cache": cfg.onnx_kv_cache,
+    options = {"formats": wanted, "gguf_types": list(cfg.gguf_types), "onnx_kv_cache": cfg.onnx_kv_cache,
                "watermark_strength": cfg.watermark.strength if cfg.watermark.enabled else None}
 
     final = out_root / digest[:24]
@@ -238,7 +247,9 @@ def export_checkpoint(
     model_id = f"{_slug(run_id)}-s{step}-{fp[:12]}"
     code_version = code_version or current_code_version()
     lineage = {"run_id": run_id, "dataset_version": dataset_version, "checkpoint_step": step,
-               "checkpoint_digest": digest, "config_hash": config_hash, "code_version": code_version}
+               "checkpoint_digest": digest, "code_version": code_version}
+    if config_hash is not None:
+        lineage["config_hash"] = config_hash
     prov = provenance_metadata(fingerprint=fp, model_id=model_id, run_id=run_id, dataset_version=dataset_version,
                                checkpoint_step=step, checkpoint_digest=digest, config_hash=config_hash,
                                code_version=code_version, watermark_key_id=wm_key_id)
@@ -280,7 +291,8 @@ def export_checkpoint(
             {"algorithm": SIGNATURE_ALGORITHM, "signature": signature, "key_id": key_id(signing_key),
              "manifest": MANIFEST_FILE}, indent=1).encode())
         if cfg.verify_after_export:
-            report = verify_export(tmp, signing_key, watermark_key=wm_key)
+            # check_loads=False: parity has just run every file in its own runtime, stock settings.
+            report = verify_export(tmp, signing_key, watermark_key=wm_key, check_loads=False)
             if not report.ok:
                 raise ExportError(f"the export failed its own verification:\n{report.summary()}")
         _move_into_place(tmp, final)
@@ -309,7 +321,7 @@ def _write_formats(root: Path, wanted: list[str], model: Llama, state: dict[str,
                                                   exporter=cfg.onnx_exporter)
         elif fmt == "gguf":
             entries[fmt] = gguf_export.write_gguf(root / "gguf", state, mc, tokenizer_path, prov,
-                                                  quants=tuple(cfg.quantisations), model_id=model_id)
+                                                  types=tuple(cfg.gguf_types), model_id=model_id)
         elif fmt == "tensorrt":
             entries[fmt] = tensorrt.write_tensorrt(root / "tensorrt", root / "onnx" / onnx_export.MODEL_FILE,
                                                    max_seq_len=mc.max_seq_len)
@@ -328,8 +340,7 @@ def _write_formats(root: Path, wanted: list[str], model: Llama, state: dict[str,
                 parity[fmt] = onnx_export.check_onnx(root / "onnx", model, inputs, atol=p.atol)
             elif fmt == "gguf":
                 parity[fmt] = gguf_export.check_gguf(root / "gguf", model, tokenizer_path, f32_atol=p.gguf_f32_atol,
-                                                     min_top1_quantized=p.gguf_min_top1_quantized,
-                                                     n_ctx=min(128, mc.max_seq_len))
+                                                     min_top1_quantized=p.gguf_min_top1_quantized)
             elif fmt == "tensorrt":
                 parity[fmt] = tensorrt.check_tensorrt(root / "tensorrt", model, inputs)
         timings[f"{fmt}.parity"] = time.perf_counter() - t
@@ -358,7 +369,11 @@ def model_ready_payload(
     result: ExportResult, store: ArtifactStore, metrics: Mapping[str, float] | None = None,
     lineage: Lineage | None = None,
 ) -> ModelReady:
-    """The ModelReady event for an export inside `store` (URIs + SHA-256 from the manifest)."""
+    """The ModelReady event for an export inside `store` (URIs + SHA-256 from the manifest).
+
+    An offline export has no run config hash, which ModelReady's lineage requires: pass
+    `lineage`, or export through the service.
+    """
 
     def ref(rel: str) -> ArtifactRef:
         entry = result.files[rel]
@@ -375,6 +390,9 @@ def model_ready_payload(
             formats[f"{name}_{quant}"] = ref(rel)
     manifest_ref = store.ref(result.manifest_path)
     if lineage is None:
+        if "config_hash" not in result.lineage:
+            raise ExportError(f"{result.path} is an offline export (no run config hash): ModelReady needs the run's "
+                              "lineage; pass lineage= or export through the exporter service")
         lineage = Lineage(**result.lineage)
     chosen = metrics if metrics is not None else result.manifest.get("metrics", {})
     return ModelReady(

@@ -1,19 +1,27 @@
-"""The GGUF format (llama.cpp): arch `llama`, the sentencepiece vocabulary, f32/f16/q8_0 files.
+"""The GGUF format (llama.cpp): arch `llama`, the sentencepiece vocabulary, one file per tensor type.
 
-    gguf/model-<quant>.gguf    one file per quantisation (f32, f16, q8_0)
+    gguf/model-<type>.gguf    one file per type: f32, f16, bf16, q8_0
 
 Q and K rows are permuted from the HF rotate_half RoPE layout (dim i paired with i + D/2) to
 llama.cpp's (consecutive pairs) with llama.cpp's own converter `permute` (K with n_kv_head).
 The vocabulary comes from the sentencepiece model proto: pieces, scores and piece types (the
 proto's types are GGUF's token types); no dummy prefix, no BOS added, as Helox tokenizes.
-Norm gains stay f32 in every file; q8_0 quantises the matrices with gguf's numpy quantizer.
+Norm gains stay f32 in every file; bf16 and q8_0 go through gguf's numpy quantizer.
 Provenance goes into `general.helox.*` keys.
+
+Parity and `verify_export` load each file the way a user does, `Llama(model_path=...,
+logits_all=True)` with llama-cpp-python's defaults, in a child process: a llama.cpp crash is a
+failed check that names the file, not a crashed exporter. Known crash: on CPUs with AMX
+(Intel Xeon 4th generation and later) llama.cpp moves Q8_0 matrices into its AMX buffer and
+segfaults in `ggml_backend_amx_mul_mat` on the first multi-token batch (llama.cpp issue
+20824; no fix up to llama-cpp-python 0.3.36). Every Q8_0 matrix of a Llama qualifies (both
+dimensions are multiples of 32), so no tensor layout avoids it; `CRASH_HINT` says what does.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,14 +35,23 @@ if TYPE_CHECKING:
 
     from shared.model import Llama, ModelConfig
 
-Quant = Literal["f32", "f16", "q8_0"]
-QUANTS: tuple[Quant, ...] = ("f32", "f16", "q8_0")
+GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
+GGUF_TYPES: tuple[GGUFType, ...] = ("f32", "f16", "bf16", "q8_0")
+REDUCED = ("bf16", "q8_0")  # types whose top-1 may differ from PyTorch's (gguf_min_top1_quantized)
 PARITY_TEXTS = (
     "First Citizen:\nBefore we proceed any further, hear me speak.",
     "def add(x, y=3):\n    return  x + y * 12\n",
     "All:\nSpeak, speak.",
     "    if x > 10:\n        return [v for v in range(x)]",
     "  unicode: héllo wörld",
+)
+STOCK_LOAD = "Llama(model_path=..., logits_all=True)"
+CRASH_HINT = (
+    "a known llama.cpp bug on CPUs with AMX (Intel Xeon 4th generation and later): Q8_0 weights crash "
+    "ggml_backend_amx_mul_mat on the first multi-token prompt (llama.cpp issue 20824); "
+    "load with Llama(model_path=..., logits_all=True, n_batch=1), use the f16 or f32 file, or build "
+    "llama-cpp-python without AMX (CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX512=ON\"); "
+    "to export without it, leave q8_0 out of gguf_types"
 )
 
 
@@ -120,26 +137,27 @@ def _tensor(name: str, t: torch.Tensor, config: ModelConfig) -> np.ndarray:
 
 def write_gguf(
     out: Path, state: dict[str, torch.Tensor], config: ModelConfig, tokenizer_path: str | Path,
-    provenance: dict[str, str], *, quants: tuple[str, ...] = ("f16", "q8_0"), model_id: str = "helox",
+    provenance: dict[str, str], *, types: tuple[str, ...] = ("f32", "f16", "q8_0"), model_id: str = "helox",
 ) -> dict[str, Any]:
-    """Write one GGUF file per quantisation into `out`; returns the manifest entry."""
+    """Write one GGUF file per tensor type into `out`; returns the manifest entry."""
     import gguf
 
     from .native import special_ids
 
     out.mkdir(parents=True, exist_ok=True)
-    unknown = set(quants) - set(QUANTS)
-    if unknown:
-        raise GGUFExportError(f"unknown GGUF quantisation(s) {sorted(unknown)}; choose from {list(QUANTS)}")
-    tokens, scores, types = sentencepiece_vocab(tokenizer_path, config.vocab_size)
+    unknown = sorted(set(types) - set(GGUF_TYPES))
+    if unknown or not types:
+        raise GGUFExportError(f"unknown GGUF type(s) {unknown or list(types)}; choose from {list(GGUF_TYPES)}")
+    tokens, scores, types_of_tokens = sentencepiece_vocab(tokenizer_path, config.vocab_size)
     ids = special_ids(tokenizer_path)
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    quantized = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
     arrays = {n: _tensor(n, t, config) for n, t in sorted(state.items())
               if not (config.tie_embeddings and n == "lm_head.weight")}
     files = {}
-    for quant in quants:
-        path = out / gguf_file(quant)
+    for kind in types:
+        path = out / gguf_file(kind)
         w = gguf.GGUFWriter(str(path), arch="llama")
         w.add_name(model_id)
         w.add_context_length(config.max_seq_len)
@@ -154,14 +172,14 @@ def write_gguf(
         w.add_rope_dimension_count(config.head_dim)
         w.add_rope_freq_base(config.rope_theta)
         w.add_vocab_size(config.vocab_size)
-        w.add_file_type(file_types[quant])
-        if quant == "q8_0":
+        w.add_file_type(file_types[kind])
+        if kind == "q8_0":
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
-        w.add_token_types(types)
+        w.add_token_types(types_of_tokens)
         for role, setter in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
                              ("pad", w.add_pad_token_id)):
             if ids[role] >= 0:
@@ -173,20 +191,19 @@ def write_gguf(
             w.add_string("general." + k, v)
         for name, arr in arrays.items():
             gname = gguf_name(name)
-            if arr.ndim == 1 or quant == "f32":
+            if arr.ndim == 1 or kind == "f32":
                 w.add_tensor(gname, arr.astype(np.float32))
-            elif quant == "f16":
+            elif kind == "f16":
                 w.add_tensor(gname, arr.astype(np.float16))
             else:
-                q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(gname, gguf.quants.quantize(arr, quantized[kind]), raw_dtype=quantized[kind])
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        files[quant] = f"{out.name}/{gguf_file(quant)}"
-    return {"path": out.name, "main": files[quants[0]], "files": files,
-            "note": "llama.cpp: " + ", ".join(quants) + " (norms f32)"}
+        files[kind] = f"{out.name}/{gguf_file(kind)}"
+    return {"path": out.name, "main": files[types[0]], "files": files,
+            "note": "llama.cpp: " + ", ".join(types) + " (norms f32)"}
 
 
 def read_gguf(path: str | Path, config: ModelConfig | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -218,49 +235,69 @@ def read_gguf(path: str | Path, config: ModelConfig | None = None) -> tuple[dict
     return tensors, fields
 
 
-def llama_cpp_logits(gguf_path: Path, prompts: list[list[int]], texts: list[str], *, n_ctx: int = 128,
+class LlamaCppCrash(RuntimeError):
+    """llama.cpp ended the child process (a signal, or an error exit) on a GGUF file."""
+
+
+def _child_command(gguf_path: Path, request: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "services.exporter.gguf_export", str(gguf_path), str(request), str(out)]
+
+
+def llama_cpp_logits(gguf_path: Path, prompts: list[list[int]], texts: list[str], *, exact_kv: bool = False,
                      timeout_s: float = 300.0) -> tuple[list[np.ndarray], list[list[int]], str]:
     """Logits of llama.cpp at every position of each prompt, and its tokenization of `texts`.
 
-    Runs in a child process (`python -m services.exporter.gguf_export`): llama.cpp and torch each
-    bring an OpenMP runtime, and the two in one process crash in llama_decode (seen with
-    llama-cpp-python 0.3.36 + torch 2.13); a child also keeps a llama.cpp crash out of the service.
+    The file is loaded as a user loads it, `Llama(model_path=..., logits_all=True)` with every
+    other setting at llama-cpp-python's default; `exact_kv` only changes the KV cache to f32
+    (default f16), to measure the weights' own error. Runs in a child process (`python -m
+    services.exporter.gguf_export`): llama.cpp and torch each bring an OpenMP runtime and crash
+    together in llama_decode (llama-cpp-python 0.3.36 + torch 2.13), and a llama.cpp crash
+    stays out of the caller. Raises LlamaCppCrash naming the file when the child dies.
     """
     with tempfile.TemporaryDirectory() as tmp:
         req, out = Path(tmp) / "request.json", Path(tmp) / "logits.npz"
-        req.write_text(json.dumps({"prompts": prompts, "texts": texts, "n_ctx": n_ctx}))
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-m", "services.exporter.gguf_export", str(gguf_path), str(req), str(out)],
-                              capture_output=True, text=True, timeout=timeout_s, env=env,
+        req.write_text(json.dumps({"prompts": prompts, "texts": texts, "exact_kv": exact_kv}))
+        proc = subprocess.run(_child_command(gguf_path, req, out), capture_output=True, text=True, timeout=timeout_s,
                               cwd=Path(__file__).resolve().parents[2])
         if proc.returncode != 0:
-            raise RuntimeError(f"llama.cpp failed on {gguf_path.name} (exit {proc.returncode}): {proc.stderr[-2000:]}")
+            raise LlamaCppCrash(_crash_message(gguf_path, proc.returncode, proc.stderr))
         with np.load(out) as data:
             logits = [data[f"logits_{i}"] for i in range(len(prompts))]
         info = json.loads(proc.stdout.strip().splitlines()[-1])
     return logits, info["tokens"], info["version"]
 
 
+def _crash_message(gguf_path: Path, returncode: int, stderr: str) -> str:
+    if returncode < 0:
+        try:
+            how = f"crashed ({signal.Signals(-returncode).name})"
+        except ValueError:
+            how = f"was killed by signal {-returncode}"
+        hint = ""
+        if "q8_0" in gguf_path.name and -returncode in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
+            amx = " (this CPU has AMX)" if _cpu_has_amx() else ""
+            hint = f": {CRASH_HINT}{amx}"
+        return f"llama.cpp {how} on {gguf_path.name} loaded with {STOCK_LOAD}{hint}"
+    tail = stderr.strip().splitlines()[-3:]
+    return f"llama.cpp failed on {gguf_path.name} loaded with {STOCK_LOAD} (exit {returncode}): {' | '.join(tail)}"
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
 def _llama_cpp_child(gguf_path: str, request: str, out: str) -> None:
     """The child side of `llama_cpp_logits` (no torch in this process)."""
     import llama_cpp
-    import llama_cpp.llama_cpp as lib
 
-    # No CPU "extra buffer types" (weight repacking / AMX): with them, llama.cpp 0.3.36 built from
-    # source segfaults in batched Q8_0 matmuls on AMX-capable CPUs (llama.cpp's --no-repack).
-    default_params = lib.llama_model_default_params
-
-    def params():
-        p = default_params()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = params
     req = json.loads(Path(request).read_text())
-    n_ctx = int(req["n_ctx"])
-    f32 = 0  # GGML_TYPE_F32: an f32 KV cache (llama.cpp defaults to f16) so f32 parity measures the weights
-    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                          n_threads=1, n_threads_batch=1, type_k=f32, type_v=f32)
+    kw: dict[str, Any] = {}
+    if req.get("exact_kv"):
+        kw = {"type_k": 0, "type_v": 0}  # GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=gguf_path, logits_all=True, verbose=False, **kw)
     arrays = {}
     for i, prompt in enumerate(req["prompts"]):
         llm.reset()
@@ -271,27 +308,57 @@ def _llama_cpp_child(gguf_path: str, request: str, out: str) -> None:
     print(json.dumps({"tokens": tokens, "version": llama_cpp.__version__}))
 
 
-def check_gguf(path: Path, model: Llama, tokenizer_path: str | Path, *, f32_atol: float = 1e-4,
-               min_top1_quantized: float = 0.8, n_ctx: int = 128) -> dict[str, Any]:
-    """llama.cpp (llama-cpp-python) vs PyTorch on several prompts, per file: tokenization, next-token
-    top-1 at every position, and logits within f32_atol for the f32 file."""
+def llama_cpp_missing() -> str | None:
+    """None when llama-cpp-python is importable, else why a llama.cpp check is skipped."""
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None:
-        return {"status": "skipped", "passed": True,
-                "reason": "llama-cpp-python is not installed: pip install 'llama-cpp-python>=0.3.36,<0.4'"}
+        return "llama-cpp-python is not installed: pip install 'llama-cpp-python>=0.3.36,<0.4'"
+    return None
+
+
+def load_check(path: Path, vocab_size: int) -> str:
+    """Load one GGUF file as a user does and evaluate a multi-token prompt; returns a detail line.
+
+    Raises LlamaCppCrash (the file, the signal, the workaround) or ValueError (non-finite logits).
+    """
+    prompt = [4 + (7 * i) % max(1, vocab_size - 4) for i in range(8)]
+    logits, _, version = llama_cpp_logits(path, [prompt], [], timeout_s=120.0)
+    if not np.isfinite(logits[0]).all():
+        raise ValueError(f"llama.cpp gave non-finite logits for {path.name}")
+    return f"llama-cpp-python {version}"
+
+
+def check_gguf(path: Path, model: Llama, tokenizer_path: str | Path, *, f32_atol: float = 1e-4,
+               min_top1_quantized: float = 0.8) -> dict[str, Any]:
+    """llama.cpp (llama-cpp-python, stock settings) vs PyTorch on several prompts, per file:
+    tokenization, next-token top-1 at every position and the largest logit difference; the f32
+    file is also run with an f32 KV cache, whose logits must be within f32_atol.
+
+    f32 and f16 must agree on every top-1; bf16 and q8_0 on at least min_top1_quantized. A file
+    that crashes llama.cpp fails with the reason (and the workaround) in its entry.
+    """
+    missing = llama_cpp_missing()
+    if missing:
+        return {"status": "skipped", "passed": True, "reason": missing}
     import sentencepiece as spm
     import torch
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    prompts = [sp.encode(t)[: n_ctx - 1] for t in PARITY_TEXTS]
+    prompts = [sp.encode(t)[: model.config.max_seq_len] for t in PARITY_TEXTS]
     with torch.no_grad():
         refs = [model(torch.tensor([p]))[0].numpy() for p in prompts]
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"settings": STOCK_LOAD}
     passed = True
     for file in sorted(path.glob("model-*.gguf")):
-        quant = file.stem.removeprefix("model-")
-        got_all, tokens, version = llama_cpp_logits(file, prompts, list(PARITY_TEXTS), n_ctx=n_ctx)
+        kind = file.stem.removeprefix("model-")
+        try:
+            got_all, tokens, version = llama_cpp_logits(file, prompts, list(PARITY_TEXTS))
+            exact = llama_cpp_logits(file, prompts, [], exact_kv=True)[0] if kind == "f32" else None
+        except LlamaCppCrash as exc:
+            results[kind] = {"passed": False, "error": str(exc)}
+            passed = False
+            continue
         results["runtime"] = f"llama-cpp-python {version}"
         tok_same = all(t == sp.encode(text) for t, text in zip(tokens, PARITY_TEXTS, strict=True))
         top1 = total = last_top1 = 0
@@ -302,11 +369,14 @@ def check_gguf(path: Path, model: Llama, tokenizer_path: str | Path, *, f32_atol
             total += len(ref)
             diff = max(diff, float(np.abs(got - ref).max()))
         agreement = top1 / total
-        ok = tok_same and (agreement >= min_top1_quantized if quant == "q8_0" else agreement == 1.0)
-        if quant == "f32":
-            ok = ok and diff <= f32_atol
-        results[quant] = {"passed": ok, "top1_agreement": agreement, "last_token_top1": f"{last_top1}/{len(prompts)}",
-                          "max_abs_diff": diff, "tokenizer_identical": tok_same, "positions": total}
+        ok = tok_same and (agreement >= min_top1_quantized if kind in REDUCED else agreement == 1.0)
+        entry = {"top1_agreement": agreement, "last_token_top1": f"{last_top1}/{len(prompts)}",
+                 "max_abs_diff": diff, "tokenizer_identical": tok_same, "positions": total}
+        if exact is not None:
+            entry["f32_kv_max_abs_diff"] = max(float(np.abs(g - r).max()) for g, r in zip(exact, refs, strict=True))
+            entry["f32_kv_atol"] = f32_atol
+            ok = ok and entry["f32_kv_max_abs_diff"] <= f32_atol
+        results[kind] = {"passed": ok, **entry}
         passed = passed and ok
     results["passed"] = passed
     return results

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 SIGNATURE_ALGORITHM = "HMAC-SHA256"
+NO_CONFIG_HASH = "no run config hash (offline export)"
 
 # safetensors' dtype codes: one spelling for torch and numpy tensors alike.
 _TORCH_CODES = {
@@ -113,9 +114,13 @@ def verify_signature(manifest: Mapping[str, Any], signature: str, key: str | byt
 
 def provenance_metadata(
     *, fingerprint: str, model_id: str, run_id: str, dataset_version: str, checkpoint_step: int,
-    checkpoint_digest: str, config_hash: str, code_version: str, watermark_key_id: str | None = None,
+    checkpoint_digest: str, config_hash: str | None, code_version: str, watermark_key_id: str | None = None,
 ) -> dict[str, str]:
-    """string -> string (what safetensors `__metadata__` and ONNX `metadata_props` hold)."""
+    """string -> string (what safetensors `__metadata__` and ONNX `metadata_props` hold).
+
+    `config_hash` None (an offline export: no run, so no run config) leaves `helox.config_hash`
+    out; readers say NO_CONFIG_HASH instead.
+    """
     meta = {
         "helox.fingerprint": fingerprint,
         "helox.model_id": model_id,
@@ -123,9 +128,10 @@ def provenance_metadata(
         "helox.dataset_version": dataset_version,
         "helox.checkpoint_step": str(checkpoint_step),
         "helox.checkpoint_digest": checkpoint_digest,
-        "helox.config_hash": config_hash,
         "helox.code_version": code_version,
     }
+    if config_hash is not None:
+        meta["helox.config_hash"] = config_hash
     if watermark_key_id:
         meta["helox.watermark_key_id"] = watermark_key_id
     return meta
@@ -158,7 +164,11 @@ def model_card(
     ]
     for key in ("run_id", "dataset_version", "checkpoint_step", "checkpoint_digest", "config_hash", "code_version",
                 "fingerprint"):
-        lines.append(f"| {key} | `{p.get('helox.' + key, '')}` |")
+        value = p.get("helox." + key)
+        if value is None and key == "config_hash":
+            lines.append(f"| {key} | {NO_CONFIG_HASH} |")
+        else:
+            lines.append(f"| {key} | `{value if value is not None else ''}` |")
     lines += ["", "## Architecture", "", f"{n_params:,} parameters.", "", "| hyper-parameter | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in model_config.items()]
     lines += ["", "## Metrics", ""]
@@ -188,7 +198,10 @@ def model_card(
         "- Small and trained on a narrow corpus: it produces fluent-looking but unreliable text; do not "
         "use its output as fact or for decisions about people.",
         "- No safety tuning, no instruction tuning.",
-        "- Quantised files (GGUF q8_0) trade a little accuracy for size; parity above says how much.",
+        "- Reduced-precision files (GGUF bf16, q8_0) trade a little accuracy for size; parity above says how much.",
+    ]
+    lines += _loading(formats)
+    lines += [
         "",
         "## Verification",
         "",
@@ -203,6 +216,32 @@ def model_card(
             f"`{watermark.get('key_id')}`), function-preserving: it changes no output beyond float rounding.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _loading(formats: Mapping[str, Any]) -> list[str]:
+    """How to run the ONNX graphs and the GGUF files (what their checks did)."""
+    from .gguf_export import CRASH_HINT, STOCK_LOAD
+
+    out = []
+    onnx = formats.get("onnx") or {}
+    if onnx and onnx.get("status") != "skipped":
+        out += ["", "## Loading", "",
+                "- ONNX (onnxruntime): `model.onnx` takes `input_ids`, `attention_mask` and `position_ids` "
+                "([batch, sequence] int64; left-padded batches: `position_ids = max(cumsum(attention_mask) - 1, 0)`) "
+                "and returns `logits`."]
+        if onnx.get("kv_cache"):
+            out.append("- `model_kv.onnx` adds the KV cache as optimum and onnxruntime-genai name it: "
+                       "`past_key_values.N.key` / `.value` [batch, kv_heads, past, head_dim] in, `present.N.key` / "
+                       "`.value` out, `attention_mask` over past + new tokens; feed past = 0 for the prompt.")
+    gguf = formats.get("gguf") or {}
+    if gguf and gguf.get("status") != "skipped":
+        if not out:
+            out += ["", "## Loading", ""]
+        out.append(f"- GGUF (llama.cpp): every file was checked loaded as `{STOCK_LOAD}`, llama-cpp-python's "
+                   "default settings.")
+        if "q8_0" in (gguf.get("files") or {}):
+            out.append(f"- `model-q8_0.gguf` may crash (SIGSEGV) loaded with stock settings: {CRASH_HINT}.")
+    return out
 
 
 def _parity_summary(res: Any) -> str:

@@ -3,7 +3,8 @@
 Elsewhere the format is skipped with a clear reason in the result; that is not an error.
 
     tensorrt/model.plan   serialized engine, fp32, one optimisation profile over
-                          batch 1..8 and sequence 1..max_seq_len
+                          batch 1..8 and sequence 1..max_seq_len; inputs input_ids,
+                          attention_mask and position_ids, as in the ONNX graph
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def write_tensorrt(out: Path, onnx_file: Path, *, max_seq_len: int, max_batch: i
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     profile = builder.create_optimization_profile()
     opt_seq = min(128, max_seq_len)
-    profile.set_shape("input_ids", (1, 1), (1, opt_seq), (max_batch, max_seq_len))
+    for name in ("input_ids", "attention_mask", "position_ids"):  # all [batch, sequence]
+        profile.set_shape(name, (1, 1), (1, opt_seq), (max_batch, max_seq_len))
     config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
@@ -77,9 +79,12 @@ def check_tensorrt(path: Path, model, input_ids, *, atol: float = 1e-3) -> dict[
     engine = runtime.deserialize_cuda_engine((path / ENGINE_FILE).read_bytes())
     ctx = engine.create_execution_context()
     ids = input_ids.to("cuda", torch.int64).contiguous()
-    ctx.set_input_shape("input_ids", tuple(ids.shape))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "position_ids": torch.arange(ids.size(1), device="cuda").expand_as(ids).contiguous()}
+    for name, tensor in feeds.items():
+        ctx.set_input_shape(name, tuple(tensor.shape))
+        ctx.set_tensor_address(name, tensor.data_ptr())
     out = torch.empty((*ids.shape, model.config.vocab_size), device="cuda", dtype=torch.float32)
-    ctx.set_tensor_address("input_ids", ids.data_ptr())
     ctx.set_tensor_address("logits", out.data_ptr())
     stream = torch.cuda.current_stream()
     if not ctx.execute_async_v3(stream.cuda_stream):

@@ -9,6 +9,9 @@ Checks, each reported pass / fail / skipped with a detail line:
 - fingerprint  the tensor fingerprint recomputed from the weights equals the manifest's, and
                every format's embedded metadata carries it
 - watermark    the keyed watermark is detected in the weights (needs the key)
+- loads        each GGUF file loads in llama-cpp-python as a user loads it (stock settings, in a
+               child process: a crash fails the check, naming the file and the workaround) and
+               each ONNX graph runs in onnxruntime on a short prompt
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Literal
 from shared.artifacts import sha256_file
 from shared.model import ModelConfig
 
-from .provenance import fingerprint, key_id, verify_signature
+from .provenance import NO_CONFIG_HASH, fingerprint, key_id, verify_signature
 
 EXPORT_FORMAT = "helox-export/1"
 MANIFEST_FILE = "manifest.json"
@@ -200,9 +203,46 @@ def _check_watermark(manifest: dict[str, Any], tensors, config: ModelConfig, key
     return CheckResult("watermark", "pass" if res.detected else "fail", detail), res.as_dict()
 
 
+def _check_loads(path: Path, manifest: dict[str, Any]) -> CheckResult:
+    import numpy as np
+
+    from . import gguf_export, onnx_export
+
+    formats = manifest.get("formats", {})
+    config = manifest.get("model_config") or {}
+    done, problems, skipped = [], [], []
+    gguf_files = list((formats.get("gguf") or {}).get("files", {}).values())
+    missing = gguf_export.llama_cpp_missing() if gguf_files else None
+    if missing:
+        skipped.append(f"gguf: {missing}")
+        gguf_files = []
+    for rel in gguf_files:
+        try:
+            runtime = gguf_export.load_check(path / rel, int(config.get("vocab_size", 8)))
+            done.append(f"{rel} ({runtime})")
+        except Exception as exc:
+            problems.append(f"{rel}: {exc}")
+    onnx = formats.get("onnx") or {}
+    for rel in filter(None, (onnx.get("main"), onnx.get("kv_cache"))):
+        try:
+            ids = np.array([[4, 5, 6]], dtype=np.int64) % max(1, int(config.get("vocab_size", 8)))
+            logits = onnx_export.run_graph(path / rel, ids)
+            if not np.isfinite(logits).all():
+                raise ValueError("non-finite logits")
+            done.append(f"{rel} (onnxruntime)")
+        except Exception as exc:
+            problems.append(f"{rel}: {type(exc).__name__}: {exc}")
+    if problems:
+        return CheckResult("loads", "fail", "; ".join(problems))
+    if not done:
+        return CheckResult("loads", "skipped", "; ".join(skipped) or "no GGUF or ONNX file in the export")
+    return CheckResult("loads", "pass", "; ".join(done + skipped))
+
+
 def verify_export(path: str | Path, key: str | bytes | None, *, watermark_key: str | bytes | None = None,
-                  check_watermark: bool = True) -> VerifyReport:
-    """Check an export directory (or its manifest.json): digests, fingerprint, signature, watermark.
+                  check_watermark: bool = True, check_loads: bool = True) -> VerifyReport:
+    """Check an export directory (or its manifest.json): digests, fingerprint, signature,
+    watermark, and that its GGUF and ONNX files load (`check_loads`).
 
     `key` is the signing key (HELOX_SIGNING_KEY); the watermark key defaults to the one derived
     from it, as the exporter does. Never raises for a bad export: the report says what failed.
@@ -215,10 +255,12 @@ def verify_export(path: str | Path, key: str | bytes | None, *, watermark_key: s
         manifest, _ = read_manifest(path)
     except (OSError, ValueError) as exc:
         report.checks.append(CheckResult("manifest", "fail", f"{path / MANIFEST_FILE}: {exc}"))
-        for name in ("signature", "digests", "fingerprint", "watermark"):
+        for name in ("signature", "digests", "fingerprint", "watermark", "loads"):
             report.checks.append(CheckResult(name, "skipped", "no readable manifest"))
         return report
-    report.checks.append(CheckResult("manifest", "pass", f"{manifest.get('model_id')}"))
+    lineage = manifest.get("lineage") or {}
+    no_hash = "" if lineage.get("config_hash") else f"; {NO_CONFIG_HASH}"
+    report.checks.append(CheckResult("manifest", "pass", f"{manifest.get('model_id')}{no_hash}"))
     report.checks.append(_check_signature(path, manifest, key))
     report.checks.append(_check_digests(path, manifest))
     try:
@@ -227,14 +269,16 @@ def verify_export(path: str | Path, key: str | bytes | None, *, watermark_key: s
     except Exception as exc:
         report.checks.append(CheckResult("fingerprint", "fail", f"{type(exc).__name__}: {exc}"))
         report.checks.append(CheckResult("watermark", "skipped", "weights unreadable"))
-        return report
-    report.checks.append(fp_check)
-    if not check_watermark:
-        report.checks.append(CheckResult("watermark", "skipped", "not requested"))
-        return report
-    try:
-        wm_check, report.watermark = _check_watermark(manifest, tensors, config, key, watermark_key)
-    except Exception as exc:
-        wm_check = CheckResult("watermark", "fail", f"{type(exc).__name__}: {exc}")
-    report.checks.append(wm_check)
+    else:
+        report.checks.append(fp_check)
+        if not check_watermark:
+            report.checks.append(CheckResult("watermark", "skipped", "not requested"))
+        else:
+            try:
+                wm_check, report.watermark = _check_watermark(manifest, tensors, config, key, watermark_key)
+            except Exception as exc:
+                wm_check = CheckResult("watermark", "fail", f"{type(exc).__name__}: {exc}")
+            report.checks.append(wm_check)
+    report.checks.append(_check_loads(path, manifest) if check_loads
+                         else CheckResult("loads", "skipped", "not requested"))
     return report

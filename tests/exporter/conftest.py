@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from services.data_prep.tokenizer import train_tokenizer
-from services.exporter.config import ExportConfig
+from services.exporter.config import GGUF_TYPES, ExportConfig
 from services.exporter.export import ExportResult, export_checkpoint
 from shared.checkpoint import save_checkpoint
 from shared.data.config import TokenizerConfig
@@ -120,9 +120,9 @@ def trained_model(t: Trained) -> Llama:
 
 @pytest.fixture(scope="session")
 def export_result(tmp_path_factory, trained) -> ExportResult:
-    """Every format, every GGUF quantisation: exported once for the session."""
+    """Every format, every GGUF type: exported once for the session."""
     torch.set_num_threads(1)
-    cfg = ExportConfig(quantisations=["f32", "f16", "q8_0"])
+    cfg = ExportConfig(gguf_types=list(GGUF_TYPES))
     return export_checkpoint(
         trained.checkpoint, trained.tokenizer, None, tmp_path_factory.mktemp("exports"),
         run_id=RUN_ID, dataset_version=DATASET_VERSION, config_hash=CONFIG_HASH, signing_key=SIGNING_KEY,

@@ -29,10 +29,19 @@ def test_unknown_fields_and_formats_are_refused():
     with pytest.raises(ValidationError):
         ExportConfig(formats=["native", "pickle"])
     with pytest.raises(ValidationError):
-        ExportConfig(quantisation=["q8_0"])  # typo of quantisations
+        ExportConfig(gguf_type=["q8_0"])  # typo of gguf_types
+    with pytest.raises(ValidationError):
+        ExportConfig(gguf_types=["q4_0"])
+    with pytest.raises(ValidationError):
+        ExportConfig(gguf_types=[])
     with pytest.raises(ValidationError):
         ExportConfig(formats=[])
     assert ExportConfig(formats=["hf", "hf"]).formats == ["hf"]
+
+
+def test_gguf_types_default_to_what_the_readme_promises_and_take_bf16():
+    assert ExportConfig().gguf_types == ["f32", "f16", "q8_0"]
+    assert ExportConfig(gguf_types=["bf16", "f32", "bf16"]).gguf_types == ["bf16", "f32"]
 
 
 def test_eval_passed_final_exports_only_a_passing_final_checkpoint():

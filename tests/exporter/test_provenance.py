@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 
 import pytest
@@ -13,12 +14,12 @@ from safetensors.torch import load_file
 from contracts import ModelReady, decode, encode
 from contracts.codec import envelope
 from contracts.envelope import Producer
-from services.exporter.config import ExportConfig
-from services.exporter.export import export_checkpoint, model_ready_payload
+from services.exporter.config import GGUF_TYPES, ExportConfig
+from services.exporter.export import ExportError, export_checkpoint, model_ready_payload
 from services.exporter.gguf_export import read_gguf
 from services.exporter.hf import hf_tensors_to_canonical
 from services.exporter.native import read_native_tensors, write_native
-from services.exporter.provenance import canonical_json, fingerprint, sign, verify_signature
+from services.exporter.provenance import NO_CONFIG_HASH, canonical_json, fingerprint, sign, verify_signature
 from services.exporter.verify import embedded_fingerprints, verify_export
 from shared.artifacts import ArtifactStore, sha256_file
 from shared.checkpoint import write_safetensors
@@ -43,7 +44,7 @@ def test_fingerprint_is_the_same_from_every_format_and_layout(export_result, tra
     assert fingerprint(dict(reversed(list(native_tensors.items())))) == fp  # order-independent
     # every written file carries it in its own metadata
     embedded = embedded_fingerprints(export_result.path, export_result.manifest)
-    assert len(embedded) == 8 and set(embedded.values()) == {fp}
+    assert len(embedded) == 9 and set(embedded.values()) == {fp}
     assert meta["helox.run_id"] == RUN_ID and meta["helox.dataset_version"] == DATASET_VERSION
     assert meta["helox.config_hash"] == CONFIG_HASH and meta["helox.checkpoint_step"] == "200"
     assert meta["helox.code_version"]
@@ -73,8 +74,34 @@ def test_signature_verifies_and_fails_on_any_change_or_key():
 def test_verify_export_passes_on_a_fresh_export(export_result):
     report = verify_export(export_result.path, SIGNING_KEY)
     assert report.ok, report.summary()
-    assert [c.status for c in report.checks] == ["pass"] * 5
+    assert [c.name for c in report.checks] == ["manifest", "signature", "digests", "fingerprint", "watermark", "loads"]
+    assert [c.status for c in report.checks] == ["pass"] * 6
     assert report.watermark["detected"] and report.watermark["z"] > 10
+    loads = next(c.detail for c in report.checks if c.name == "loads")
+    for rel in (*export_result.formats["gguf"]["files"].values(), "onnx/model.onnx", "onnx/model_kv.onnx"):
+        assert rel in loads, rel
+
+
+def test_verify_export_fails_loads_when_llama_cpp_crashes_on_a_file_and_says_what_to_do(copy, monkeypatch):
+    """A stock llama.cpp load that segfaults (q8_0 on CPUs with AMX) is a failed check naming the
+    file and the workaround; the verifier itself carries on."""
+    from services.exporter import gguf_export
+
+    real = gguf_export._child_command
+
+    def crash_on_q8(gguf_path, request, out):
+        if gguf_path.name == "model-q8_0.gguf":
+            return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+        return real(gguf_path, request, out)
+
+    monkeypatch.setattr(gguf_export, "_child_command", crash_on_q8)
+    monkeypatch.setattr(gguf_export, "llama_cpp_missing", lambda: None)
+    report = verify_export(copy, SIGNING_KEY, check_watermark=False)
+    assert report.failed == ["loads"]
+    detail = next(c.detail for c in report.checks if c.name == "loads")
+    assert detail.startswith("gguf/model-q8_0.gguf: llama.cpp crashed (SIGSEGV) on model-q8_0.gguf")
+    assert "n_batch=1" in detail and "f16" in detail
+    assert "model-f16.gguf" not in detail  # the other files loaded
 
 
 def test_verify_export_names_a_tampered_file(copy):
@@ -125,7 +152,7 @@ def test_verify_export_fails_the_watermark_with_another_watermark_key(export_res
 
 def test_verify_export_reports_a_missing_manifest_without_raising(tmp_path):
     report = verify_export(tmp_path, SIGNING_KEY)
-    assert report.failed == ["manifest"] and not report.ok
+    assert report.failed == ["manifest"] and not report.ok and len(report.checks) == 6
     assert "FAILED: manifest" in report.summary()
 
 
@@ -134,7 +161,7 @@ def test_export_is_idempotent_by_checkpoint_digest(export_result, trained):
     again = export_checkpoint(
         trained.checkpoint, trained.tokenizer, None, export_result.path.parent, run_id=RUN_ID,
         dataset_version=DATASET_VERSION, config_hash=CONFIG_HASH, signing_key=SIGNING_KEY,
-        config=ExportConfig(quantisations=["f32", "f16", "q8_0"]),
+        config=ExportConfig(gguf_types=list(GGUF_TYPES)),
     )
     assert again.reused and again.path == export_result.path
     assert again.signature == export_result.signature and again.fingerprint == export_result.fingerprint
@@ -179,3 +206,48 @@ def test_native_stores_tied_weights_once_with_provenance_metadata(trained, tmp_p
     write_native(tmp_path / "native", trained.state, trained.config, trained.tokenizer, {"helox.fingerprint": "x"})
     tensors, meta = read_native_tensors(tmp_path / "native")
     assert "lm_head.weight" not in tensors and meta["helox.fingerprint"] == "x"
+
+
+def test_an_offline_export_has_no_config_hash_rather_than_a_made_up_one(trained, tmp_path):
+    """config_hash=None (helox export: no run) leaves the field out of the lineage and of every
+    file's metadata; the model card and verify say so; nothing carries an all-zero digest."""
+    cfg = ExportConfig(formats=["native", "hf", "onnx", "gguf"], gguf_types=["f16"], onnx_kv_cache=False,
+                       watermark={"enabled": False})
+    res = export_checkpoint(trained.checkpoint, trained.tokenizer, None, tmp_path, run_id="offline",
+                            dataset_version=DATASET_VERSION, config_hash=None, signing_key=SIGNING_KEY, config=cfg)
+    assert "config_hash" not in res.lineage and "config_hash" not in res.manifest["lineage"]
+    manifest_text = (res.path / "manifest.json").read_text()
+    assert "0" * 64 not in manifest_text and "None" not in manifest_text
+    assert "helox.config_hash" not in read_native_tensors(res.path / "native")[1]
+    assert "helox.config_hash" not in json.loads((res.path / "hf" / "config.json").read_text())["helox"]
+    from services.exporter.onnx_export import read_onnx_metadata
+
+    assert "helox.config_hash" not in read_onnx_metadata(res.path / "onnx" / "model.onnx")
+    _, fields = read_gguf(res.path / "gguf" / "model-f16.gguf")
+    assert "general.helox.config_hash" not in fields and fields["general.helox.run_id"] == "offline"
+    assert f"| config_hash | {NO_CONFIG_HASH} |" in res.model_card_path.read_text()
+    report = verify_export(res.path, SIGNING_KEY)
+    assert report.ok, report.summary()
+    assert NO_CONFIG_HASH in next(c.detail for c in report.checks if c.name == "manifest")
+    with pytest.raises(ExportError, match="offline export"):
+        model_ready_payload(res, ArtifactStore(tmp_path))
+
+
+def test_an_export_with_a_run_config_hash_carries_it_and_verify_does_not_call_it_offline(export_result):
+    assert export_result.lineage["config_hash"] == CONFIG_HASH
+    report = verify_export(export_result.path, SIGNING_KEY, check_watermark=False, check_loads=False)
+    assert NO_CONFIG_HASH not in next(c.detail for c in report.checks if c.name == "manifest")
+    assert f"| config_hash | `{CONFIG_HASH}` |" in export_result.model_card_path.read_text()
+
+
+def test_gguf_types_argument_overrides_the_config(trained, tmp_path):
+    cfg = ExportConfig(formats=["native", "gguf"], watermark={"enabled": False})  # native: the fingerprint's source
+    res = export_checkpoint(trained.checkpoint, trained.tokenizer, None, tmp_path, run_id=RUN_ID,
+                            dataset_version=DATASET_VERSION, config_hash=CONFIG_HASH, signing_key=SIGNING_KEY,
+                            config=cfg, gguf_types=["bf16", "f32"])
+    assert sorted(res.formats["gguf"]["files"]) == ["bf16", "f32"]
+    assert res.manifest["options"]["gguf_types"] == ["bf16", "f32"]
+    with pytest.raises(ExportError, match=r"q4_0.*gguf_types"):
+        export_checkpoint(trained.checkpoint, trained.tokenizer, None, tmp_path, run_id=RUN_ID,
+                          dataset_version=DATASET_VERSION, config_hash=CONFIG_HASH, signing_key=SIGNING_KEY,
+                          config=cfg, gguf_types=["q4_0"])
