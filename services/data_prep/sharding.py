@@ -59,15 +59,9 @@ def encode_task(args: tuple[str, str, list[str], list[bytes], list[int], int, fl
     encoder = _ENCODERS.get(model_digest)
     if encoder is None:
         encoder = _ENCODERS[model_digest] = DocumentEncoder(load_tokenizer(model_path))
-    ids = encoder.encode(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    tokens = np.empty(int(lengths.sum()), dtype=dtype)
-    pos = 0
-    for x in ids:
-        tokens[pos : pos + len(x)] = x
-        pos += len(x)
-        tokens[pos] = EOS_ID
-        pos += 1
+    flat, doc_lengths = encoder.encode_flat(texts, EOS_ID)
+    tokens = np.array(flat, dtype=dtype)
+    lengths = np.array(doc_lengths, dtype=np.int64)
     is_val = np.array([is_validation(d, seed, val_fraction) for d in digests], dtype=bool)
     histograms: dict[tuple[bool, int], np.ndarray] = {}
     ends = np.cumsum(lengths)

@@ -93,7 +93,10 @@ def test_line_by_line_encoding_gives_exactly_sp_encode_ids(model: bytes, texts: 
     assert encoder.by_line and encoder.newline == [sp.piece_to_id("<0x0A>")]
     tricky = ["", "\n", "\n\nx\n", "a \n b", "  \n\t\n", "tail  ", "x\n" * 50, "ünï\ncödé ✓\n漢字", "\r\nwin\r\n"]
     docs = texts + tricky + texts[:5]  # repeated documents and lines share the cache
-    assert encoder.encode(docs) == sp.encode(docs)
+    expected = sp.encode(docs)
+    assert encoder.encode(docs) == expected
+    flat, lengths = encoder.encode_flat(docs, EOS_ID)
+    assert flat == [t for ids in expected for t in [*ids, EOS_ID]] and lengths == [len(x) + 1 for x in expected]
 
 
 def test_models_that_are_not_line_local_are_encoded_whole(texts: list[str]) -> None:
@@ -109,7 +112,11 @@ def test_models_that_are_not_line_local_are_encoded_whole(texts: list[str]) -> N
     for sp in (unigram, default):
         encoder = DocumentEncoder(sp)
         assert not encoder.by_line
-        assert encoder.encode(texts[:20]) == sp.encode(texts[:20])
+        expected = sp.encode(texts[:20])
+        assert encoder.encode(texts[:20]) == expected
+        assert encoder.encode_flat(texts[:20], EOS_ID) == (
+            [t for ids in expected for t in [*ids, EOS_ID]], [len(x) + 1 for x in expected]
+        )
 
 
 def test_token_dtype() -> None:
