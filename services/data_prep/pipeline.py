@@ -73,11 +73,12 @@ from shared.data.manifest import (
 from shared.logging import get_logger
 from shared.retrieval import SynapseLink
 
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 """Bump whenever a change to this package changes the bytes of a dataset for the same inputs.
 
 2: near-duplicate candidates decided on their exact Jaccard (21x6 bands at 0.8/128); the
-dedup report and per-file input digests.
+dedup report and per-file input digests. 3: the tokenizer is trained with 2 threads (the
+count is recorded in the model file).
 """
 
 TOKENIZER_FILE = "tokenizer.model"
