@@ -391,7 +391,9 @@ def safe_evaluate(
 def _local_ref(path: Path, digest: str | None = None) -> ArtifactRef:
     if path.is_file():
         return ArtifactRef(uri=path.resolve().as_uri(), sha256=digest or sha256_file(path), size_bytes=path.stat().st_size)
-    return ArtifactRef(uri=path.resolve().as_uri(), sha256=digest or "0" * 64, size_bytes=0)
+    if digest is None:  # no file and no digest: nothing real to reference (no made-up all-zero SHA-256)
+        raise EvaluationError(f"{path} does not exist, so EvaluationCompleted cannot reference it: pass checkpoint_ref=")
+    return ArtifactRef(uri=path.resolve().as_uri(), sha256=digest, size_bytes=0)
 
 
 def evaluation_completed(

@@ -77,7 +77,8 @@ def test_a_corrupt_checkpoint_gives_an_error_verdict_not_an_exception(checkpoint
 def test_a_missing_checkpoint_or_dataset_also_gives_an_error_verdict(checkpoint, dataset, tmp_path):
     r1 = safe_evaluate(tmp_path / "nowhere", dataset, fast_config(), out_dir=tmp_path / "a")
     assert r1.verdict == "error" and "no checkpoint directory" in r1.error
-    assert evaluation_completed(r1).verdict == "error"
+    with pytest.raises(ev.EvaluationError, match="nowhere"):  # no manifest, no digest: no made-up reference
+        evaluation_completed(r1)
     r2 = safe_evaluate(checkpoint, tmp_path / "no-dataset.json", fast_config(), out_dir=tmp_path / "b")
     assert r2.verdict == "error" and r2.digest is not None
 
