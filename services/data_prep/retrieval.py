@@ -12,7 +12,8 @@ After the tokenize stage has written the flat shards, for each split and domain:
    window's own documents, of their duplicate clusters (the dedup stages' removed -> kept
    links, transitively) and of any validation document (validation windows retrieve from
    training data only, and training never sees validation text), and every chunk whose text
-   is a substring of one of the window's own documents;
+   is a substring of the window's own text or of one of its documents (a retriever that
+   indexed the same text under other ids);
 4. the windows are packed into records with their kinds (packing.pack_record) and written
    as the packed shards, replacing the flat ones; `retrieval_report.jsonl` says, per window
    (`<split>/<domain>/<n>`, n its record in that stream), its source documents, the retriever
@@ -54,7 +55,8 @@ INDEX_DIR = "rag_index"
 REPORT_FILE = "retrieval_report.jsonl"
 LOCAL = LocalIndex.NAME
 MIN_SUBSTRING_CHARS = 32
-"""Chunks at least this long are also checked as substrings of the window's own documents."""
+"""Chunks at least this long (or as long as a shorter window's text, 8 at least) are also checked as
+substrings of the window's own text and documents: shorter ones are common phrases, not leaks."""
 
 ProgressFn = Callable[[float], None]
 
@@ -142,9 +144,15 @@ class _Window:
     end: int
     sources: list[Document]
     query_id: str
+    text: str  # the base text, decoded (documents joined without their EOS)
     exclude: set[str] = field(default_factory=set)
     chunks: list[RetrievedChunk] = field(default_factory=list)
     served_by: str = LOCAL
+
+    @property
+    def min_substring(self) -> int:
+        """Chunks this long or longer are checked as substrings (a short window: its whole text)."""
+        return max(8, min(MIN_SUBSTRING_CHARS, len(self.text.strip())))
 
 
 @dataclass
@@ -226,7 +234,7 @@ def retrieval_stage(
             sources = s.docs[first : last + 1]
             own = {d.origin for d in sources}
             exclude = own | {o for d in sources for o in clusters.get(d.origin, ())}
-            w = _Window(s, a, b, sources, f"{s.split}/{s.domain}/{i}", exclude)
+            w = _Window(s, a, b, sources, f"{s.split}/{s.domain}/{i}", text, exclude)
             windows.append(w)
             queries.append(RetrievalQuery(query_id=w.query_id, text=text[: rag.query_chars], k=k_ask,
                                           exclude_source_ids=sorted(exclude)))
@@ -248,7 +256,7 @@ def retrieval_stage(
         for c in answered.get(w.query_id, []):
             text = c.text.strip()
             leak = c.source_id in w.exclude or c.source_id in val_closed or (
-                len(text) >= MIN_SUBSTRING_CHARS and any(text in d.text for d in w.sources))
+                len(text) >= w.min_substring and (text in w.text or any(text in d.text for d in w.sources)))
             if leak:
                 rejected += 1
             elif len(kept) < rag.k:
