@@ -135,6 +135,8 @@ def export_cmd(
     out: Annotated[Path, typer.Option(help="Output directory.")],
     formats: Annotated[str, typer.Option("--format", help="Comma-separated: native,hf,onnx,gguf,tensorrt.")] = "native,hf,onnx,gguf",
     dataset: Annotated[str | None, typer.Option(help="Dataset version or directory (default: the checkpoint's).")] = None,
+    gguf_types: Annotated[str | None, typer.Option(help="Comma-separated GGUF files: f32,f16,bf16,q8_0 "
+                                                   "(default: the exporter's, f32,f16,q8_0).")] = None,
 ) -> None:
     """Export a checkpoint (verified, fingerprinted, watermarked, signed) without the bus."""
     from services.evaluator.evaluate import read_checkpoint_manifest
@@ -144,7 +146,8 @@ def export_cmd(
     meta = read_checkpoint_manifest(checkpoint).get("meta", {})
     result = export_checkpoint(checkpoint, dataset_tokenizer(manifest), [f.strip() for f in formats.split(",")], out,
                                run_id=meta.get("run_id") or "offline", dataset_version=meta.get("dataset_version"),
-                               config_hash="0" * 64, signing_key=common.signing_key(common.settings()))
+                               config_hash=None, signing_key=common.signing_key(common.settings()),
+                               gguf_types=[t.strip() for t in gguf_types.split(",")] if gguf_types else None)
     for name, entry in result.formats.items():
         console.print(f"  {name:<10} {entry.get('status', 'ok'):<8} {entry.get('main', entry.get('reason', ''))}",
                       highlight=False)
