@@ -1,126 +1,108 @@
-"""`python -m cyrex_example`: consume `helox.export.model-ready` in consumer group `cyrex`.
+"""`python -m cyrex_example`: the reference Cyrex.
 
-For every ModelReady event: verify the export (signature + digests), load it, answer the prompt,
-print one JSON line, XACK. An export that fails verification is reported and acked (retrying
-cannot make it valid); an error while loading a valid export leaves the entry pending, so a
-restarted consumer sees it again.
+    # the retrieval service + the model-ready subscriber, until SIGTERM
+    HELOX_SIGNING_KEY=... python -m cyrex_example serve --collection DOCS [--redis-url URL] \\
+        [--instance NAME] [--max-k 16] [--heartbeat-s 2] [--prompt ...] [--from-start]
 
+    # the model-ready subscriber alone (consume, verify, load, answer; one JSON line per model)
     HELOX_SIGNING_KEY=... python -m cyrex_example --redis-url redis://localhost:6379/0 \\
         --prompt "First Citizen:" [--runtime onnx|hf] [--from-start] [--max-messages N]
-
-A plain redis-py XREADGROUP loop (any FastStream RedisBroker subscriber with
-`StreamSub(stream, group="cyrex", consumer=...)` reads the same entries).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
-import time
-from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 import redis
-from faststream.redis.parser.binary import BinaryMessageFormatV1
 
-from contracts import ModelReady, SchemaVersionError, decode
+from .collection import DEFAULT_CHUNK_WORDS, CollectionError
+from .loader import ExportVerificationError, signing_key_from_env
+from .model_ready import GROUP, ensure_group, handle_entry, rag_prompt, run
 
-from .loader import ExportVerificationError, Runtime, load_from_event, signing_key_from_env
-
-GROUP = "cyrex"
-DATA_FIELD = b"__data__"  # FastStream's field: one binary frame (headers + JSON body)
+__all__ = ["GROUP", "ensure_group", "handle_entry", "main", "rag_prompt", "run"]
 
 
-def entry_body(fields: dict[bytes, bytes]) -> bytes:
-    raw = fields.get(DATA_FIELD, b"")
-    try:
-        body, _headers = BinaryMessageFormatV1.parse(raw)
-        return body
-    except Exception:
-        return raw
+def _common(ap: argparse.ArgumentParser, consumer_flag: bool) -> None:
+    ap.add_argument("--redis-url", default=os.environ.get("HELOX_REDIS_URL", "redis://localhost:6379/0"))
+    ap.add_argument("--prefix", default=os.environ.get("HELOX_TOPIC_PREFIX", "helox."))
+    ap.add_argument("--prompt", default="First Citizen:\n", help="The prompt each published model answers.")
+    ap.add_argument("--runtime", choices=["onnx", "hf"], default="onnx")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--from-start", action="store_true", help="A new group reads model-ready from its start.")
+    ap.add_argument("--allowed-root", default=None, help="Refuse exports outside this directory.")
+    if consumer_flag:
+        ap.add_argument("--consumer", default=f"cyrex-{socket.gethostname()}", help="Stable consumer name.")
 
 
-def handle_entry(fields: dict[bytes, bytes], key: bytes, *, prompt: str, runtime: Runtime = "onnx",
-                 max_new_tokens: int = 32, allowed_root: str | None = None) -> dict[str, Any]:
-    """One stream entry -> a result record. Raises only for errors worth a retry (I/O, runtime)."""
-    try:
-        env = decode(entry_body(fields), ModelReady)
-    except (SchemaVersionError, ValueError) as exc:
-        return {"status": "rejected", "reason": f"not a ModelReady event: {exc}"}
-    event = env.payload
-    try:
-        model = load_from_event(event, key, runtime=runtime, allowed_root=allowed_root)
-    except ExportVerificationError as exc:
-        return {"status": "rejected", "model_id": event.model_id, "reason": str(exc)}
-    started = time.perf_counter()
-    answer = model.answer(prompt, max_new_tokens=max_new_tokens)
-    return {"status": "ok", "model_id": event.model_id, "fingerprint": event.fingerprint, "runtime": runtime,
-            "prompt": prompt, "answer": answer, "answer_s": round(time.perf_counter() - started, 3),
-            "run_id": event.lineage.run_id, "checkpoint_step": event.lineage.checkpoint_step}
+def serve_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m cyrex_example serve",
+        description="Index a document collection, announce it on retrieval.heartbeat, answer "
+        "retrieval.requested, and answer a prompt for every published model with retrieved context.")
+    ap.add_argument("--collection", required=True, type=Path,
+                    help="Directory (or file) of .txt/.md/.py/.jsonl documents to index.")
+    _common(ap, consumer_flag=False)
+    ap.add_argument("--instance", default=os.environ.get("CYREX_INSTANCE", f"cyrex-{socket.gethostname()}"),
+                    help="Stable instance name: heartbeats, `retriever` addressing and the consumer name.")
+    ap.add_argument("--max-k", type=int, default=16, help="Most chunks returned per query.")
+    ap.add_argument("--heartbeat-s", type=float, default=2.0, help="Seconds between heartbeats.")
+    ap.add_argument("--chunk-words", type=int, default=DEFAULT_CHUNK_WORDS, help="Most words per chunk.")
+    ap.add_argument("--reclaim-idle-ms", type=int, default=30_000,
+                    help="Take over requests another consumer of the group left pending this long.")
+    ap.add_argument("--retrieval-only", action="store_true",
+                    help="Serve retrieval only: no model-ready subscriber (and no HELOX_SIGNING_KEY needed).")
+    return ap
 
 
-def ensure_group(client: redis.Redis, stream: str, start_id: str) -> None:
-    try:
-        client.xgroup_create(stream, GROUP, id=start_id, mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+def legacy_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m cyrex_example",
+        description="Consume helox.export.model-ready in consumer group `cyrex`: verify, load, answer a prompt. "
+        "`python -m cyrex_example serve --collection PATH` runs the retrieval service as well.",
+        epilog="serve:\n" + serve_parser().format_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(ap, consumer_flag=True)
+    ap.add_argument("--max-messages", type=int, default=None, help="Stop after this many events.")
+    return ap
 
 
-def run(client: redis.Redis, stream: str, key: bytes, *, prompt: str, consumer: str, runtime: Runtime = "onnx",
-        max_new_tokens: int = 32, start_id: str = "$", block_ms: int = 1000, max_messages: int | None = None,
-        allowed_root: str | None = None, emit: Callable[[dict[str, Any]], None] | None = None) -> int:
-    """The consume loop; returns the number of entries handled (stops after max_messages)."""
-    emit = emit or (lambda rec: print(json.dumps(rec), flush=True))
-    ensure_group(client, stream, start_id)
-    handled = 0
-    pending_first = True  # after a restart, first re-read our own unacked entries
-    while max_messages is None or handled < max_messages:
+def serve_main(argv: list[str]) -> int:
+    from .service import ServeConfig, serve
+
+    args = serve_parser().parse_args(argv)
+    if args.max_k < 1 or args.heartbeat_s <= 0 or args.chunk_words < 1:
+        print("error: --max-k and --chunk-words must be at least 1, --heartbeat-s positive", file=sys.stderr)
+        return 2
+    if not args.collection.exists():
+        print(f"error: collection {args.collection} does not exist", file=sys.stderr)
+        return 2
+    key = None
+    if not args.retrieval_only:
         try:
-            resp = client.xreadgroup(GROUP, consumer, {stream: "0" if pending_first else ">"}, count=1,
-                                     block=None if pending_first else block_ms)
-        except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):  # Redis restarted empty: recreate and go on
-                ensure_group(client, stream, "0")
-                continue
-            raise
-        entries = resp[0][1] if resp else []
-        if pending_first and not entries:
-            pending_first = False
-            continue
-        for entry_id, fields in entries:
-            if not fields:  # a pending entry trimmed away
-                client.xack(stream, GROUP, entry_id)
-                continue
-            try:
-                record = handle_entry(fields, key, prompt=prompt, runtime=runtime, max_new_tokens=max_new_tokens,
-                                      allowed_root=allowed_root)
-            except Exception as exc:
-                emit({"status": "error", "entry": entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
-                      "reason": f"{type(exc).__name__}: {exc}"})
-                pending_first = False
-                continue
-            client.xack(stream, GROUP, entry_id)
-            emit(record)
-            handled += 1
-    return handled
+            key = signing_key_from_env()
+        except ExportVerificationError as exc:
+            print(f"error: {exc} (or pass --retrieval-only)", file=sys.stderr)
+            return 2
+    cfg = ServeConfig(redis_url=args.redis_url, collection=args.collection, instance=args.instance,
+                      prefix=args.prefix, max_k=args.max_k, heartbeat_s=args.heartbeat_s,
+                      chunk_words=args.chunk_words, reclaim_idle_ms=args.reclaim_idle_ms, key=key,
+                      prompt=args.prompt, runtime=args.runtime, max_new_tokens=args.max_new_tokens,
+                      from_start=args.from_start, allowed_root=args.allowed_root)
+    try:
+        return serve(cfg)
+    except CollectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cyrex_example", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--redis-url", default=os.environ.get("HELOX_REDIS_URL", "redis://localhost:6379/0"))
-    ap.add_argument("--prefix", default=os.environ.get("HELOX_TOPIC_PREFIX", "helox."))
-    ap.add_argument("--prompt", default="First Citizen:\n")
-    ap.add_argument("--runtime", choices=["onnx", "hf"], default="onnx")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--max-messages", type=int, default=None, help="Stop after this many events.")
-    ap.add_argument("--from-start", action="store_true", help="A new group reads the stream from its start.")
-    ap.add_argument("--allowed-root", default=None, help="Refuse exports outside this directory.")
-    ap.add_argument("--consumer", default=f"cyrex-{socket.gethostname()}", help="Stable consumer name.")
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
+    args = legacy_parser().parse_args(argv)
     try:
         key = signing_key_from_env()
     except ExportVerificationError as exc:

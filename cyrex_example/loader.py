@@ -100,6 +100,14 @@ def export_dir_of(event: ModelReady, *, allowed_root: str | Path | None = None) 
 
 class LanguageModel(Protocol):
     manifest: dict[str, Any]
+    export_dir: Path
+
+    @property
+    def context_length(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
 
     def next_token_logits(self, ids: list[int]) -> np.ndarray: ...
 
@@ -125,12 +133,19 @@ class _Tokenizer:
 
 class OnnxModel:
     """The ONNX export in onnxruntime: the KV-cache graph (prompt once, then one token per step)
-    when the export has it, else the plain logits graph over the whole sequence."""
+    when the export has it, else the plain logits graph over the whole sequence.
+
+    Feeds what the session declares (`session.get_inputs()`): input_ids, and attention_mask /
+    position_ids when the graph takes them; the KV graph's cache is either optimum's per-layer
+    `past_key_values.N.key/value` [batch, kv_heads, past, head_dim] -> `present.N.key/value`, or
+    (exports before that) `past_keys`/`past_values` [layers, batch, kv_heads, past, head_dim] ->
+    `present_keys`/`present_values`."""
 
     def __init__(self, export_dir: Path, manifest: dict[str, Any]) -> None:
         import onnxruntime as ort
 
         self.manifest = manifest
+        self.export_dir = export_dir
         fmt = manifest["formats"]["onnx"]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -138,15 +153,44 @@ class OnnxModel:
         graph = fmt["kv_cache"] if self.kv else fmt["main"]
         self.session = ort.InferenceSession(str(export_dir / graph), opts, providers=["CPUExecutionProvider"])
         self.tokenizer = _Tokenizer(export_dir / _tokenizer_rel(manifest, "onnx"))
+        self.inputs = {value.name for value in self.session.get_inputs()}
+        self.outputs = [value.name for value in self.session.get_outputs()]
         c = manifest["model_config"]
-        self.past_shape = (c["n_layer"], 1, c["n_kv_head"], 0, c["d_model"] // c["n_head"])
+        head_dim = c.get("head_dim") or c["d_model"] // c["n_head"]
+        if "past_keys" in self.inputs:  # the stacked cache of older exports
+            empty = np.zeros((c["n_layer"], 1, c["n_kv_head"], 0, head_dim), dtype=np.float32)
+            self.empty_past = {"past_keys": empty, "past_values": empty}
+        else:
+            empty = np.zeros((1, c["n_kv_head"], 0, head_dim), dtype=np.float32)
+            self.empty_past = {name: empty for name in self.inputs if name.startswith("past_key_values.")}
+        if self.kv and not self.empty_past:
+            raise ExportVerificationError(f"{graph} has no KV-cache inputs (inputs: {sorted(self.inputs)})")
+        # Which input each cache output feeds on the next step.
+        self.next_past = {out: _past_name(out) for out in self.outputs if out != "logits"}
+        unknown = sorted(set(self.next_past.values()) - set(self.empty_past))
+        if self.kv and unknown:
+            raise ExportVerificationError(f"{graph}: outputs {unknown} match no cache input")
+
+    @property
+    def context_length(self) -> int:
+        return int(self.manifest["model_config"]["max_seq_len"])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _feeds(self, new_ids: list[int], past_len: int, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": np.asarray([new_ids], dtype=np.int64)}
+        if "attention_mask" in self.inputs:  # covers the cached tokens and the new ones
+            feeds["attention_mask"] = np.ones((1, past_len + len(new_ids)), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.arange(past_len, past_len + len(new_ids), dtype=np.int64)[None]
+        return {**feeds, **past}
 
     def next_token_logits(self, ids: list[int]) -> np.ndarray:
-        x = np.asarray([ids], dtype=np.int64)
-        if self.kv:
-            empty = np.zeros(self.past_shape, dtype=np.float32)
-            return self.session.run(["logits"], {"input_ids": x, "past_keys": empty, "past_values": empty})[0][0, -1]
-        return self.session.run(["logits"], {"input_ids": x})[0][0, -1]
+        return self.session.run(["logits"], self._feeds(ids, 0, self.empty_past if self.kv else {}))[0][0, -1]
 
     def generate_ids(self, ids: list[int], max_new_tokens: int) -> list[int]:
         out: list[int] = []
@@ -157,20 +201,28 @@ class OnnxModel:
                 if tok == self.tokenizer.eos:
                     break
             return out
-        empty = np.zeros(self.past_shape, dtype=np.float32)
-        feeds = {"input_ids": np.asarray([ids], dtype=np.int64), "past_keys": empty, "past_values": empty}
+        feeds = self._feeds(ids, 0, self.empty_past)
+        past_len = len(ids)
         for _ in range(max_new_tokens):
-            logits, keys, values = self.session.run(None, feeds)
-            tok = int(logits[0, -1].argmax())
+            values = dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
+            tok = int(values["logits"][0, -1].argmax())
             out.append(tok)
             if tok == self.tokenizer.eos:
                 break
-            feeds = {"input_ids": np.asarray([[tok]], dtype=np.int64), "past_keys": keys, "past_values": values}
+            feeds = self._feeds([tok], past_len, {self.next_past[k]: v for k, v in values.items() if k != "logits"})
+            past_len += 1
         return out
 
     def answer(self, prompt: str, max_new_tokens: int = 32) -> str:
         ids = self.generate_ids(self.tokenizer.encode(prompt), max_new_tokens)
         return self.tokenizer.decode([i for i in ids if i != self.tokenizer.eos])
+
+
+def _past_name(output: str) -> str:
+    """The cache input an output feeds: present.N.key -> past_key_values.N.key, present_keys -> past_keys."""
+    if output.startswith("present."):
+        return "past_key_values." + output.removeprefix("present.")
+    return output.replace("present_", "past_", 1)
 
 
 class HFModel:
@@ -181,10 +233,21 @@ class HFModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.manifest = manifest
+        self.export_dir = export_dir
         self._torch = torch
         path = export_dir / manifest["formats"]["hf"]["path"]
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.manifest["model_config"]["max_seq_len"])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def next_token_logits(self, ids: list[int]) -> np.ndarray:
         with self._torch.no_grad():
