@@ -1,8 +1,13 @@
-"""The local stack: embedded Redis (when no HELOX_REDIS_URL) + the five service processes.
+"""The local stack: embedded Redis (when no HELOX_REDIS_URL) + the five service processes,
+and optionally the reference Cyrex (`helox up --with-cyrex`).
 
 `helox up` runs it in the foreground; `helox run` starts one for the run's duration when
 none is running. A supervisor restarts a crashed service with exponential back-off.
 A state file (`<state_dir>/stack.json`) lets other `helox` commands find a running stack.
+
+Cyrex is an outside consumer: the stack starts it as a process (`python -m cyrex_example
+serve`), never imports it. The embedded Redis has no ACL users, so it connects with the
+stack's URL like the services do.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,10 @@ SERVICES: dict[str, str] = {
     "evaluator": "services.evaluator",
     "exporter": "services.exporter",
 }
+
+CYREX = "cyrex"
+CYREX_MODULE = "cyrex_example"
+"""The reference Cyrex, supervised like a service with `--with-cyrex`."""
 
 MAX_BACKOFF_S = 30.0
 HEALTHY_AFTER_S = 30.0  # a process that ran this long resets its back-off
@@ -49,6 +59,8 @@ class Slot:
     next_start: float = 0.0
     log_path: Path | None = None
     exits: list[int] = field(default_factory=list)
+    args: tuple[str, ...] = ()
+    """Command-line arguments after `python -m <module>`."""
 
 
 class LocalStack:
@@ -61,7 +73,10 @@ class LocalStack:
         config_path: Path | None = None,
         log_dir: Path | None = None,
         quiet: bool = True,
+        cyrex_collection: Path | None = None,
     ) -> None:
+        """`cyrex_collection`: also run the reference Cyrex, serving retrieval over that
+        collection (a directory of .txt/.md/.py/.jsonl documents)."""
         self.settings = settings
         self.state_dir = Path(settings.state_dir).resolve()
         self.log_dir = (log_dir or self.state_dir / "logs").resolve()
@@ -79,6 +94,14 @@ class LocalStack:
             for n in range(1, count + 1):
                 # Stable instance names: a restarted process takes over its own pending entries.
                 self.slots.append(Slot(service, SERVICES[service], f"{service}-{n}"))
+        if cyrex_collection is not None:
+            collection = Path(cyrex_collection).resolve()
+            if not collection.exists():
+                raise ValueError(f"the Cyrex collection {collection} does not exist")
+            instance = f"{CYREX}-1"
+            self.slots.append(Slot(CYREX, CYREX_MODULE, instance, args=(
+                "serve", "--collection", str(collection), "--instance", instance, "--from-start",
+                "--allowed-root", str(Path(settings.artifacts).resolve()))))
 
     @property
     def state_file(self) -> Path:
@@ -118,7 +141,7 @@ class LocalStack:
         slot.log_path = self.log_dir / f"{slot.instance}.log"
         out = open(slot.log_path, "ab")  # noqa: SIM115  (the child owns it)
         slot.proc = subprocess.Popen(
-            [sys.executable, "-m", slot.module],
+            [sys.executable, "-m", slot.module, *slot.args],
             env=self.env(slot.instance),
             stdout=out if self.quiet else None,
             stderr=subprocess.STDOUT if self.quiet else None,
@@ -170,6 +193,12 @@ class LocalStack:
             self.redis.stop()
             self.redis = None
         self.state_file.unlink(missing_ok=True)
+
+
+def default_cyrex_collection() -> Path:
+    """What Cyrex indexes when `--cyrex-collection` is not given: the Python standard library,
+    the corpus of the demo run (configs/demo.yaml)."""
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
 def local_signing_key(state_dir: str | os.PathLike[str]) -> str:

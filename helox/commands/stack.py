@@ -16,20 +16,29 @@ from .. import common
 from ..common import console
 from ..errors import CliError
 from ..pending import over_delivered
-from ..stack import SERVICES, LocalStack
+from ..stack import SERVICES, LocalStack, default_cyrex_collection
 
 
 def up(
     evaluators: Annotated[int, typer.Option(min=1, max=32, help="Evaluator instances (one consumer group).")] = 1,
     services: Annotated[str, typer.Option(help="Comma-separated services to start.")] = ",".join(SERVICES),
     config: Annotated[Path | None, typer.Option(help="YAML file with a `settings:` section.")] = None,
+    with_cyrex: Annotated[bool, typer.Option(
+        "--with-cyrex", help="Also run the reference Cyrex (`python -m cyrex_example serve`): retrieval for "
+        "RAG runs and an answer from every published model.")] = False,
+    cyrex_collection: Annotated[Path | None, typer.Option(
+        help="Documents Cyrex indexes (.txt/.md/.py/.jsonl under it); default: the Python standard "
+        "library, the demo's corpus.")] = None,
 ) -> None:
     """Start Redis (embedded unless HELOX_REDIS_URL is set) and the services; Ctrl-C stops all."""
     settings = common.settings(config)
+    if cyrex_collection is not None and not with_cyrex:
+        raise CliError("--cyrex-collection needs --with-cyrex")
     try:
         stack = LocalStack(settings, evaluators=evaluators, config_path=config,
-                           services=[s.strip() for s in services.split(",") if s.strip()])
-    except ValueError as exc:  # an unknown service name
+                           services=[s.strip() for s in services.split(",") if s.strip()],
+                           cyrex_collection=(cyrex_collection or default_cyrex_collection()) if with_cyrex else None)
+    except ValueError as exc:  # an unknown service name, a missing Cyrex collection
         raise CliError(str(exc)) from None
     common.stop_on_signals()
     stack.start()
