@@ -6,6 +6,14 @@ Module names follow transformers' `LlamaForCausalLM` so that export is a renamin
 map to transformers unchanged; llama.cpp pairs consecutive dimensions and its converter
 permutes Q and K rows (`permute(w, n_head)`, K with n_kv_head).
 
+Speed: parameters stay split (`q_proj`, `k_proj`, `v_proj`, `gate_proj`, `up_proj`), so the
+state dict, checkpoints, optimizer state, exports and everything that edits or hooks a weight by
+name see the HF layout; the forward concatenates them and runs one matmul for Q/K/V and one for
+gate/up (the concatenation copies the weights once per forward, far less than the matmul reads;
+autograd hands each parameter its slice of the fused gradient). RoPE rotates Q and K together
+with one roll instead of chunk/neg/cat per tensor. On CPU every extra kernel is also an OpenMP
+barrier, which is what a loaded machine punishes most.
+
 Shapes in comments: B batch, T new tokens, S keys (cached + new), C d_model,
 H query heads, K key/value heads, D head_dim, V vocab.
 """
@@ -25,6 +33,33 @@ class SequenceTooLongError(ValueError):
     """A forward pass reached past `max_seq_len` (the RoPE tables' length)."""
 
 
+class _RMSNormCPU(torch.autograd.Function):
+    """fp32 RMSNorm on CPU with a hand-written backward.
+
+    On CPU `F.rms_norm` is a composite (torch 2.13 has fused kernels, forward and backward, for
+    CUDA only): autograd records pow/mean/add/rsqrt/mul and replays ~13 kernels backward, which
+    measured 1.7x the cost of the plain formula. This is 3 full-size passes forward and 7
+    backward (~0.8x the plain formula; LayerNorm's fused kernel is still ~0.5x of this).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        C = x.size(-1)
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(C).add_(eps).rsqrt_()  # [..., 1]
+        ctx.save_for_backward(x, rstd, weight)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x * rstd
+        gw = grad * weight
+        dweight = (grad * xhat).sum(tuple(range(grad.dim() - 1)))
+        # d/dx of xhat = rstd * (gw - xhat * mean(gw * xhat)): the normalisation's Jacobian.
+        mean_gx = torch.linalg.vecdot(gw, xhat, dim=-1).unsqueeze(-1).div_(x.size(-1))
+        return torch.addcmul(gw, xhat, mean_gx, value=-1).mul_(rstd), dweight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -32,10 +67,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as HF does) so bf16 autocast does not lose the small variances.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype == torch.float32:
+            if x.device.type == "cpu":
+                return _RMSNormCPU.apply(x, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Half-precision activations: normalise in fp32 and scale after the cast back, as HF does,
+        # so that bf16 autocast does not lose the small variances (and exports match HF exactly).
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,14 +84,16 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return emb.cos().float(), emb.sin().float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, 1, T, D] (or broadcastable)."""
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+    """x [..., D] rotated by cos/sin tables broadcastable to it (e.g. x [B, H, T, D], cos [1, 1, T, D]).
+
+    HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) for the halves x1, x2:
+    (-x2, x1) * sin == roll(x, D/2) * (-sin1, sin2), so the sign moves onto the small table and
+    the activations pay one roll instead of a chunk, a negation and a cat.
+    """
+    half = x.size(-1) // 2
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return (x * cos + x.roll(half, dims=-1) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -99,11 +139,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, C]; cos/sin [B or 1, 1, T, D] -> q [B, H, T, D], k and v [B, K, T, D] (q, k rotated)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        H, K = self.n_head, self.n_kv_head
+        w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))  # [(H + 2K) * D, C]
+        qkv = F.linear(x, w).view(B, T, H + 2 * K, self.head_dim)
+        # Q and K heads side by side get one rotation; the tables broadcast over heads as [., T, 1, D].
+        # split, not slicing: its backward is one cat, where each slice's backward zero-fills a full-size gradient.
+        qk, v = qkv.split((H + K, K), dim=2)
+        qk = apply_rope(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # [B, T, H + K, D]
+        q, k = qk.split((H, K), dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -132,7 +178,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one matmul."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -141,7 +187,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, C]
+        w = torch.cat((self.gate_proj.weight, self.up_proj.weight))  # [2F, C]
+        gate, up = F.linear(x, w).chunk(2, dim=-1)  # [B, T, F] each
+        return self.down_proj(F.silu(gate) * up)  # [B, T, C]
 
 
 class Block(nn.Module):

@@ -1,6 +1,9 @@
-"""The Llama-style decoder: shapes, causality, GQA, masks, KV-cache generation, HF names."""
+"""The Llama-style decoder: shapes, causality, GQA, masks, KV-cache generation, HF names,
+and the fast forward (fused projections, joint RoPE, CPU RMSNorm) against the plain one."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from shared.model import (
     model_preset,
     sample_next,
 )
-from shared.model.llama import apply_rope, rope_tables
+from shared.model.llama import RMSNorm, _RMSNormCPU, apply_rope, rope_tables
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +223,104 @@ def test_logits_match_transformers_llama_for_causal_lm(tied):
     ids = torch.randint(0, 1024, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, m(ids), atol=1e-4, rtol=1e-4)
+
+
+# --- the fast forward against the plain one ---------------------------------------------
+
+
+def _plain_logits(m: Llama, ids: torch.Tensor) -> torch.Tensor:
+    """The forward as first written, from the parameters: one matmul per projection, RMSNorm by
+    its formula, rotate_half by chunk/cat, explicit causal attention with repeated K/V heads."""
+    cfg = m.config
+    B, T = ids.shape
+    H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps))
+
+    def rope(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    cos, sin = (t[:T] for t in rope_tables(D, cfg.max_seq_len, cfg.rope_theta))  # [T, D]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    x = m.embed_tokens.weight[ids]  # [B, T, C]
+    for block in m.layers:
+        a, mlp = block.self_attn, block.mlp
+        h = rms(x, block.input_layernorm.weight)
+        q = (h @ a.q_proj.weight.T).view(B, T, H, D).transpose(1, 2)
+        k = (h @ a.k_proj.weight.T).view(B, T, K, D).transpose(1, 2)
+        v = (h @ a.v_proj.weight.T).view(B, T, K, D).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+        att = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(1, 2).reshape(B, T, H * D) @ a.o_proj.weight.T
+        h = rms(x, block.post_attention_layernorm.weight)
+        x = x + (F.silu(h @ mlp.gate_proj.weight.T) * (h @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    return rms(x, m.norm.weight) @ m.lm_head.weight.T  # [B, T, V]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fast_forward_matches_the_plain_forward_logits_and_gradients(tied):
+    torch.manual_seed(3)
+    m = Llama(model_preset("tiny", tie_embeddings=tied))
+    ids = torch.randint(0, 1024, (2, 40))
+    fast, plain = m(ids), _plain_logits(m, ids)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    params = [p for _, p in m.named_parameters()]
+    g_fast = torch.autograd.grad(fast.square().mean(), params)
+    g_plain = torch.autograd.grad(plain.square().mean(), params)
+    for (name, _), a, b in zip(m.named_parameters(), g_fast, g_plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)  # every split weight gets its own slice
+
+
+def test_state_dict_keeps_the_split_hf_layout():
+    # Checkpoints, the exporter, the watermark and the probes name these tensors; fusing is compute-only.
+    cfg = model_preset("tiny", tie_embeddings=False)
+    C, F_, KD = cfg.d_model, cfg.ffn_hidden, cfg.n_kv_head * cfg.head_dim
+    shapes = {"self_attn.q_proj.weight": (C, C), "self_attn.k_proj.weight": (KD, C), "self_attn.v_proj.weight": (KD, C),
+              "self_attn.o_proj.weight": (C, C), "mlp.gate_proj.weight": (F_, C), "mlp.up_proj.weight": (F_, C),
+              "mlp.down_proj.weight": (C, F_), "input_layernorm.weight": (C,), "post_attention_layernorm.weight": (C,)}
+    expected = {f"layers.{i}.{n}": s for i in range(cfg.n_layer) for n, s in shapes.items()}
+    expected |= {"embed_tokens.weight": (1024, C), "norm.weight": (C,), "lm_head.weight": (1024, C)}
+    sd = Llama(cfg).state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert [n for n, _ in Llama(cfg).named_parameters()] == list(sd)  # optimizer state follows these names
+    fresh = Llama(cfg)
+    fresh.load_state_dict(sd, strict=True)
+    ids = torch.randint(0, 1024, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), _plain_logits(fresh, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_in_place_edits_through_the_state_dict_reach_the_forward():
+    # The watermark scales rows of k_proj / up_proj in the state dict's tensors.
+    torch.manual_seed(4)
+    m = Llama(model_preset("tiny")).eval()
+    ids = torch.randint(0, 1024, (2, 10))
+    with torch.no_grad():
+        before = m(ids)
+        sd = m.state_dict()
+        sd["layers.1.self_attn.k_proj.weight"][:8].mul_(3.0)
+        sd["layers.2.mlp.up_proj.weight"][5:9].mul_(0.5)
+        after = m(ids)
+        torch.testing.assert_close(after, _plain_logits(m, ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_cpu_rmsnorm_backward_is_the_derivative():
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormCPU.apply(x, w, 1e-5), (x, w))
+
+
+def test_rmsnorm_matches_torch_rms_norm_and_the_half_precision_formula():
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(4, 7, 64)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (64,), norm.weight, 1e-5))
+    xb = x.bfloat16()
+    x32 = xb.float()
+    ref = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    torch.testing.assert_close(norm(xb), ref)
