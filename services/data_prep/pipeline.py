@@ -53,7 +53,7 @@ from services.data_prep.retrieval import RetrieverChoice, choose_retriever, fall
 from services.data_prep.sharding import is_validation, validation_score, write_shards
 from services.data_prep.tokenizer import load_tokenizer, special_ids, token_dtype, train_tokenizer, user_defined_ids
 from shared.artifacts import ArtifactStore, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
-from shared.data.config import RAG_BOUNDARY_TOKENS, DataPrepConfig
+from shared.data.config import RAG_BOUNDARY_TOKENS, DataPrepConfig, ShardingConfig
 from shared.data.manifest import (
     MANIFEST_NAME,
     PACKED_SCHEMA_VERSION,
@@ -422,7 +422,7 @@ def _dedup_record(
     return record
 
 
-def _check_splits(docs: list[Document], sharding: Any) -> None:
+def _check_splits(docs: list[Document], sharding: ShardingConfig) -> None:
     """Fail here, naming the setting, when val_fraction leaves a split without a document:
     the trainer reads both (an explicit val_fraction of 0 means no validation and passes)."""
     fraction, seed, n = sharding.val_fraction, sharding.seed, len(docs)
