@@ -11,7 +11,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from .commands import bus, offline, run, stack, views
+from .commands import bus, generate, offline, run, stack, views
 from .common import err
 from .errors import is_user_error, one_line
 
@@ -40,6 +40,7 @@ app.command()(offline.train)
 app.command("eval")(offline.eval_cmd)
 app.command("export")(offline.export_cmd)
 app.command()(offline.verify)
+app.command()(generate.generate)
 
 # a run, live and afterwards
 app.command()(views.watch)

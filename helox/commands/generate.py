@@ -1,0 +1,54 @@
+"""`helox generate`: stream a continuation from an export (verified first) or a checkpoint."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.markup import escape
+
+from .. import common
+from ..common import err
+
+
+def generate(
+    model: Annotated[Path, typer.Argument(help="An export directory (manifest.json) or a trainer checkpoint directory.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most (EOS stops earlier).")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens; 0: all.")] = 40,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus mass; 1: off.")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Sampling seed: one seed, one text.")] = 0,
+    format: Annotated[Literal["native", "onnx", "gguf"], typer.Option(
+        "--format", help="Which exported files to run (a checkpoint is native).")] = "native",
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="sentencepiece model for a checkpoint (default: its dataset's, from the artifact store).")] = None,
+) -> None:
+    """Stream tokens as they come. An export that fails verification is refused (exit 1)."""
+    from ..sample import SampleError, is_export, open_checkpoint, open_export, stream_text
+
+    settings = common.settings()
+    try:
+        if is_export(model):
+            opened = open_export(model, common.signing_key(settings), format, warn=err.print)
+        elif (model / "manifest.json").is_file():
+            if format != "native":
+                raise SampleError(f"{model} is a checkpoint: only --format native applies (export it for {format})")
+            opened = open_checkpoint(model, settings.artifacts, tokenizer)
+        else:
+            raise SampleError(f"{model} is neither an export nor a checkpoint directory (no manifest.json)")
+        out = sys.stdout
+        out.write(prompt)
+        out.flush()
+        for piece in stream_text(opened, prompt, max_new_tokens=max_tokens, temperature=temperature,
+                                 top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, seed=seed):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+    except SampleError as exc:
+        line = " ".join(str(exc).split())  # one line
+        err.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from exc
