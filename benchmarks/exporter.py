@@ -53,7 +53,7 @@ def mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6 if path.is_dir() else path.stat().st_size / 1e6
 
 
-def bench_preset(preset: str, tokenizer: Path, root: Path, formats: list[str], quants: list[str]) -> None:
+def bench_preset(preset: str, tokenizer: Path, root: Path, formats: list[str], gguf_types: list[str]) -> None:
     config = model_preset(preset)
     torch.manual_seed(0)
     model = Llama(config)
@@ -70,10 +70,10 @@ def bench_preset(preset: str, tokenizer: Path, root: Path, formats: list[str], q
     t_detect = time.perf_counter() - t
     print(f"watermark: embed {t_embed:.2f} s, detect {t_detect:.2f} s (z={z:.0f})")
 
-    cfg = ExportConfig(formats=formats, quantisations=quants)
+    cfg = ExportConfig(formats=formats, gguf_types=gguf_types)
     t = time.perf_counter()
     res = export_checkpoint(ckpt.path, tokenizer, None, root / "exports", run_id=f"bench-{preset}",
-                            dataset_version="bench", config_hash="0" * 64, signing_key=KEY, config=cfg)
+                            dataset_version="bench", config_hash=None, signing_key=KEY, config=cfg)
     total = time.perf_counter() - t
     t = time.perf_counter()
     report = verify_export(res.path, KEY)
@@ -87,10 +87,12 @@ def bench_preset(preset: str, tokenizer: Path, root: Path, formats: list[str], q
             continue
         par = res.parity[fmt]
         if fmt == "gguf":
-            detail = ", ".join(f"{q} top1 {par[q]['top1_agreement']:.3f} maxdiff {par[q]['max_abs_diff']:.2g}"
-                               for q in quants if q in par) or par.get("reason", "")
+            detail = ", ".join(
+                f"{q} top1 {par[q]['top1_agreement']:.3f} maxdiff {par[q]['max_abs_diff']:.2g}" if "error" not in par[q]
+                else f"{q} {par[q]['error'][:80]}" for q in gguf_types if q in par) or par.get("reason", "")
         elif fmt == "onnx":
-            detail = (f"maxdiff {par['max_abs_diff']:.2g}, kv maxdiff {par.get('kv_max_abs_diff', float('nan')):.2g}, "
+            detail = (f"maxdiff {par['max_abs_diff']:.2g}, left-padded {par['padded_max_abs_diff']:.2g}, "
+                      f"kv maxdiff {par.get('kv_max_abs_diff', float('nan')):.2g}, "
                       f"exporter {'/'.join(sorted(set(entry['exporter'].values())))}")
         else:
             detail = f"maxdiff {par.get('max_abs_diff', 0):.2g}"
@@ -100,7 +102,7 @@ def bench_preset(preset: str, tokenizer: Path, root: Path, formats: list[str], q
           f"self-verification) {total:.1f} s; verify_export again {t_verify:.1f} s ({'ok' if report.ok else report.failed})")
     t = time.perf_counter()
     again = export_checkpoint(ckpt.path, tokenizer, None, root / "exports", run_id=f"bench-{preset}",
-                              dataset_version="bench", config_hash="0" * 64, signing_key=KEY, config=cfg)
+                              dataset_version="bench", config_hash=None, signing_key=KEY, config=cfg)
     print(f"re-export of the same checkpoint (idempotent, reused={again.reused}): {time.perf_counter() - t:.1f} s")
 
 
@@ -108,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=["10m", "125m"])
     ap.add_argument("--formats", nargs="+", default=["native", "hf", "onnx", "gguf", "tensorrt"])
-    ap.add_argument("--quants", nargs="+", default=["f32", "f16", "q8_0"])
+    ap.add_argument("--gguf-types", nargs="+", default=["f32", "f16", "bf16", "q8_0"])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,7 +123,7 @@ def main() -> None:
         tok.write_bytes(train_tokenizer(stdlib_texts(), TokenizerConfig(vocab_size=8192, input_sentence_size=200_000)))
         print(f"tokenizer: 8192 pieces trained in {time.perf_counter() - t:.1f} s")
         for preset in args.presets:
-            bench_preset(preset, tok, root, args.formats, args.quants)
+            bench_preset(preset, tok, root, args.formats, args.gguf_types)
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 
