@@ -23,7 +23,10 @@ from contracts import (
     TrainingCompleted,
     TrainingMetrics,
 )
+from contracts.topics import TOPICS
+from shared.bus.wire import body_of
 from tests.bus.helpers import read_all, wait_for
+from tests.contracts import schema_check
 from tests.data_prep.conftest import write_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,6 +117,7 @@ def test_whole_pipeline_to_model_ready_and_cyrex_answers(tmp_path: Path) -> None
         assert ready.payload.model_id in cyrex.stdout + cyrex.stderr
         pending = client.xpending("helox.export.model-ready", "cyrex")["pending"]
         assert pending == 0
+        _every_event_matches_the_asyncapi_schema(client)
 
         report = subprocess.run([*HELOX, "report", ready.run_id], env={**stack.env, "HELOX_REDIS_URL": stack.url},
                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -122,6 +126,29 @@ def test_whole_pipeline_to_model_ready_and_cyrex_answers(tmp_path: Path) -> None
         assert html.count("<svg") >= 3
     finally:
         stack.stop()
+
+
+PIPELINE_EVENTS = ("RunRequested", "DatasetReady", "TrainingStarted", "TrainingMetrics", "CheckpointSaved",
+                   "TrainingCompleted", "EvaluationCompleted", "ModelReady", "ServiceHeartbeat")
+
+
+def _every_event_matches_the_asyncapi_schema(client: redis.Redis, expected: tuple[str, ...] = PIPELINE_EVENTS) -> None:
+    """Every entry of every stream, as written on the wire, validates against its envelope schema
+    in contracts/asyncapi.json, checked with jsonschema (not with the project's models)."""
+    document = json.loads((REPO / "contracts" / "asyncapi.json").read_text())
+    assert document == schema_check.document(), "contracts/asyncapi.json is stale: python -m contracts.asyncapi --write"
+    seen: dict[str, int] = {}
+    problems = []
+    for key, t in TOPICS.items():
+        for entry_id, fields in client.xrange(t.stream()):
+            body = json.loads(body_of(fields))
+            seen[body.get("type", "?")] = seen.get(body.get("type", "?"), 0) + 1
+            problems += [f"{key} {entry_id.decode()}: {e}" for e in schema_check.envelope_errors(body)]
+            if body.get("type") != t.payload.EVENT_TYPE:
+                problems.append(f"{key} {entry_id.decode()}: a {body.get('type')} on the {t.payload.EVENT_TYPE} stream")
+    assert not problems, "\n".join(problems[:20])
+    for event in expected:
+        assert seen.get(event), f"no {event} was checked; checked: {seen}"
 
 
 def test_injected_lr_blowup_is_detected_rolled_back_and_the_run_recovers(tmp_path: Path) -> None:
@@ -153,5 +180,8 @@ def test_injected_lr_blowup_is_detected_rolled_back_and_the_run_recovers(tmp_pat
         assert abs(faulty_loss - clean_loss) <= 0.10 * clean_loss, (clean_loss, faulty_loss)
         assert not [a for a in read_all(client, HealthAlert) if a.run_id == done["clean"].run_id
                     and a.payload.severity == "critical"]
+        _every_event_matches_the_asyncapi_schema(
+            client, ("RunRequested", "DatasetReady", "TrainingStarted", "TrainingMetrics", "CheckpointSaved",
+                     "TrainerAction", "HealthAlert", "TrainingCompleted", "ServiceHeartbeat"))
     finally:
         stack.stop()
