@@ -42,6 +42,7 @@ from shared.data.config import RAG_BOUNDARY_TOKENS, RagConfig
 from shared.data.manifest import RagInfo, RetrievalFallbackInfo, RetrievalIndexInfo, RetrievalReportInfo, ShardInfo
 from shared.logging import get_logger
 from shared.retrieval import (
+    Chunk,
     LocalIndex,
     RetrieverUnavailableError,
     SynapseLink,
@@ -59,6 +60,8 @@ MIN_SUBSTRING_CHARS = 32
 substrings of the window's own text and documents: shorter ones are common phrases, not leaks."""
 
 ProgressFn = Callable[[float], None]
+AnyChunk = RetrievedChunk | Chunk
+"""What packing reads of a chunk (chunk_id, source_id, text): Cyrex's (the contract's) or the local index's."""
 
 
 @dataclass
@@ -216,7 +219,7 @@ def retrieval_stage(
     # The local index: training documents only (validation windows retrieve from training data).
     train_docs = [d for s in streams if s.split == "train" for d in s.docs]
     index = LocalIndex.build(((d.origin, d.text) for d in train_docs), rag.chunk_tokens,
-                             lambda lines: [len(x) for x in sp.encode(lines)])
+                             lambda lines: [len(x) for x in sp.encode(lines, num_threads=1)])
     digest, files, size = index.save(out / INDEX_DIR)
     progress(0.1)
 
@@ -246,26 +249,32 @@ def retrieval_stage(
 
     # Leakage rule, after retrieval, whoever retrieved; then pack.
     rejected = 0
-    chunk_ids: dict[str, list[int]] = {}
-    served: dict[str, int] = {}
-    writers: dict[tuple[str, str], PackedShardWriter] = {}
-    counts = {"train": 0, "val": 0}
-    report: list[bytes] = []
-    for n, w in enumerate(windows):
-        kept = []
+    kept_of: list[list[AnyChunk]] = []
+    for w in windows:
+        kept: list[AnyChunk] = []
         for c in answered.get(w.query_id, []):
             text = c.text.strip()
+            # Chunks of our own index carry our ids, which the first two tests judge exactly; another
+            # retriever's ids may name the same text otherwise, so its chunks are compared as text too.
             leak = c.source_id in w.exclude or c.source_id in val_closed or (
-                len(text) >= w.min_substring and (text in w.text or any(text in d.text for d in w.sources)))
+                w.served_by != LOCAL and len(text) >= w.min_substring
+                and (text in w.text or any(text in d.text for d in w.sources)))
             if leak:
                 rejected += 1
             elif len(kept) < rag.k:
                 kept.append(c)
-        missing = [c.text for c in kept if c.chunk_id not in chunk_ids]
-        if missing:
-            for c, enc in zip([c for c in kept if c.chunk_id not in chunk_ids], sp.encode(missing), strict=True):
-                chunk_ids[c.chunk_id] = enc
-        tokens, kinds, used = pack_record(layout, w.stream.tokens[w.start : w.end], [chunk_ids[c.chunk_id] for c in kept])
+        kept_of.append(kept)
+    # Every distinct chunk encoded once, in one call (per-window calls cost more than the encoding).
+    distinct = {(c.chunk_id, c.text): None for kept in kept_of for c in kept}
+    chunk_ids = dict(zip(distinct, sp.encode([t for _, t in distinct], num_threads=1), strict=True))
+    progress(0.8)
+
+    served: dict[str, int] = {}
+    writers: dict[tuple[str, str], PackedShardWriter] = {}
+    counts = {"train": 0, "val": 0}
+    report: list[bytes] = []
+    for n, (w, kept) in enumerate(zip(windows, kept_of, strict=True)):
+        tokens, kinds, used = pack_record(layout, w.stream.tokens[w.start : w.end], [chunk_ids[c.chunk_id, c.text] for c in kept])
         served[w.served_by] = served.get(w.served_by, 0) + used
         report.append(json.dumps({
             "window": w.query_id, "sources": [d.origin for d in w.sources], "retriever": w.served_by,
@@ -277,7 +286,7 @@ def retrieval_stage(
         writers[key].add(tokens, kinds)
         counts[w.stream.split] += 1
         if n % 1024 == 0:
-            progress(0.7 + 0.3 * n / len(windows))
+            progress(0.8 + 0.2 * n / len(windows))
     shards = [sh for key in sorted(writers) for sh in writers[key].finish()]
     report_bytes = b"".join(report)
     atomic_write_bytes(out / REPORT_FILE, report_bytes)
@@ -305,10 +314,10 @@ def retrieval_stage(
 
 def _retrieve(windows: list[_Window], queries: list[RetrievalQuery], index: LocalIndex, choice: RetrieverChoice,
               link: SynapseLink | None, rag: RagConfig, fallback: _Publisher,
-              progress: ProgressFn) -> dict[str, list[RetrievedChunk]]:
+              progress: ProgressFn) -> dict[str, list[AnyChunk]]:
     """query id -> chunks, from Cyrex while it answers well, else from the local index."""
     by_id = {w.query_id: w for w in windows}
-    answered: dict[str, list[RetrievedChunk]] = {}
+    answered: dict[str, list[AnyChunk]] = {}
     local_todo: list[RetrievalQuery] = []
     batches = [queries[i : i + rag.batch_queries] for i in range(0, len(queries), rag.batch_queries)]
     if choice.heartbeat is not None and link is not None:
@@ -344,9 +353,9 @@ def _retrieve(windows: list[_Window], queries: list[RetrievalQuery], index: Loca
         local_todo = list(queries)
     for i in range(0, len(local_todo), rag.batch_queries):
         part = local_todo[i : i + rag.batch_queries]
-        for res in index.search(part):
-            answered[res.query_id] = list(res.chunks)
-            by_id[res.query_id].served_by = LOCAL
+        for q, hits in zip(part, index.search(part), strict=True):
+            answered[q.query_id] = [c for c, _ in hits]
+            by_id[q.query_id].served_by = LOCAL
         progress(min(1.0, (i + len(part)) / max(len(local_todo), 1)))
     return answered
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.checkpoint import Checkpoint, CheckpointNotFoundError, list_checkpoints
+from shared.data.manifest import MASK_BASE, MASK_CONTEXT
 from shared.logging import get_logger
 from shared.model import Llama
 
@@ -176,6 +177,7 @@ class Trainer:
         self.peak_flops = config.peak_flops or device_peak_flops(self.device, self.precision.mode)
         self.throughput = Throughput()
         self._interval: list[StepResult] = []
+        self._rag: torch.Tensor | None = None  # RAG-packed data, last step: base loss sum, base labels, retrieved, all
         self._applied_plan: tuple[int, int] | None = None
         self._last_batch: dict[str, torch.Tensor] = {}
         self._resumed_from: int | None = None
@@ -347,6 +349,7 @@ class Trainer:
             raise TrainingError(f"step {step}: every token of the batch is masked out (loss_mask all zero); check the data")
         K = len(self.data.domains)
         stats = torch.zeros(1 + 2 * K, dtype=torch.float64, device=self.device)  # loss sum, domain sums, domain counts
+        rag = torch.zeros(4, dtype=torch.float64, device=self.device) if "token_kind" in batches[0] else None
         g_small_sq = None
         world = self.ctx.world_size
         for i, (batch, mask) in enumerate(zip(batches, masks, strict=True)):
@@ -369,6 +372,12 @@ class Trainer:
                 self.precision.scale(loss).backward()
             with torch.no_grad():
                 stats[0] += masked.sum().double()
+                if rag is not None:  # base-token loss and the retrieved share, whatever the context's weight
+                    kind = batch["token_kind"].to(self.device)
+                    base = kind == MASK_BASE
+                    rag += torch.stack([(tok_loss * base).sum().double(), base.sum().double(),
+                                        (kind == MASK_CONTEXT).sum().double(), torch.tensor(kind.numel(),
+                                        dtype=torch.float64, device=self.device)])
                 if "domain" in batch and K > 1:
                     dom = batch["domain"].to(self.device)
                     stats[1:1 + K].index_add_(0, dom, masked.sum(-1).double())
@@ -376,6 +385,8 @@ class Trainer:
             if self.noise is not None and i == 0 and len(batches) > 1:
                 g_small_sq = self._micro_grad_sq(float(mask.sum()), n_tok)
         self.ctx.all_reduce_sum(stats)
+        if rag is not None:
+            self._rag = self.ctx.all_reduce_sum(rag)
         return stats, n_tok, g_small_sq
 
     def _apply_gradients(self, loss_value: float) -> StepVerdict:
@@ -500,6 +511,14 @@ class Trainer:
             and self.state.last_val_step > step - self.config.log.every else None,
             "data_cursor": self.data.cursor,
         }
+        if self._rag is not None:
+            base_sum, n_base, n_ctx, n_all = self._rag.tolist()
+            metrics["retrieved_fraction"] = n_ctx / n_all if n_all else 0.0
+            metrics["probes"]["rag.retrieved_fraction"] = metrics["retrieved_fraction"]
+            if n_base:
+                metrics["loss_base"] = base_sum / n_base
+                # On the bus as gauges: TrainingMetrics.probes is the contract's open dict of values.
+                metrics["probes"]["rag.loss_base"] = metrics["loss_base"]
         if self.noise is not None:
             metrics["noise_scale"] = self.noise.value
         if self.mixer is not None:

@@ -425,6 +425,7 @@ def inspect_dataset(manifest_path: str | Path) -> dict[str, Any]:
             for s in manifest.stages
         ],
         "dedup_report": manifest.dedup_report.model_dump() if manifest.dedup_report else None,
+        "rag": manifest.rag.model_dump(mode="json", exclude={"index": {"files"}}) if manifest.rag else None,
     }
 
 
@@ -459,4 +460,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     if report:
         counts = ", ".join(f"{k} {v:,}" for k, v in report["records"].items()) or "nothing removed"
         lines.append(f"  dedup report: {report['path']} ({counts})")
+    rag = summary.get("rag")
+    if rag:
+        served = ", ".join(f"{k} {v:,}" for k, v in rag["queries_by_retriever"].items())
+        lines.append(
+            f"  rag: windows of {rag['seq_len']} tokens (train {rag['windows']['train']:,}, val {rag['windows']['val']:,}), "
+            f"retriever {rag['retriever']}; queries answered: {served}; retrieved share "
+            f"{rag['tokens']['context'] / max(sum(rag['tokens'].values()), 1):.0%}; "
+            f"{rag['leakage_rejected']:,} chunks dropped by the leakage rule"
+        )
+        for f in rag["fallbacks"]:
+            lines.append(f"  rag FALLBACK: {f['from_retriever'] or 'no retriever'} -> {f['to_retriever']} "
+                         f"for {f['queries']:,} queries: {f['reason']}")
     return "\n".join(lines)

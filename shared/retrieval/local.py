@@ -98,7 +98,7 @@ def tokenize_queries(texts: Sequence[str]) -> list[list[str]]:
 
 
 class LocalIndex:
-    """BM25 over chunks; `search` answers RetrievalQuery batches with the contract's results."""
+    """BM25 over chunks: `search` answers RetrievalQuery batches (`answer`: as the contract's results)."""
 
     NAME = "local-bm25"
 
@@ -107,8 +107,12 @@ class LocalIndex:
         self.bm25 = bm25
         self.digest = digest
         self._per_source: dict[str, int] = {}
+        self._source_index: dict[str, int] = {}
         for c in chunks:
             self._per_source[c.source_id] = self._per_source.get(c.source_id, 0) + 1
+            self._source_index.setdefault(c.source_id, len(self._source_index))
+        self._source_of = np.fromiter((self._source_index[c.source_id] for c in chunks), dtype=np.int64,
+                                      count=len(chunks))
 
     @property
     def documents(self) -> int:
@@ -156,8 +160,18 @@ class LocalIndex:
                 chunks.append(Chunk(rec["chunk_id"], rec["source_id"], rec["text"]))
         return cls(chunks, bm25s.BM25.load(str(d)), digest)
 
-    def search(self, queries: Sequence[RetrievalQuery]) -> list[RetrievalResult]:
-        """Top-k chunks per query with a positive score, none of an excluded source."""
+    def answer(self, queries: Sequence[RetrievalQuery]) -> list[RetrievalResult]:
+        """`search` as the contract's results (what a retriever on Synapse sends)."""
+        return [
+            RetrievalResult.model_construct(query_id=q.query_id, error=None, chunks=[
+                RetrievedChunk.model_construct(chunk_id=c.chunk_id, source_id=c.source_id, text=c.text, score=s)
+                for c, s in hits])
+            for q, hits in zip(queries, self.search(queries), strict=True)
+        ]
+
+    def search(self, queries: Sequence[RetrievalQuery]) -> list[list[tuple[Chunk, float]]]:
+        """(chunk, score) of the top-k chunks per query, best first: positive scores only, none of an
+        excluded source."""
         if not queries:
             return []
         # Ask for enough that, after dropping every chunk of the excluded sources, k remain.
@@ -167,15 +181,10 @@ class LocalIndex:
                                          show_progress=False, n_threads=1)
         return [self._result(q, row, srow) for q, row, srow in zip(queries, ids, scores, strict=True)]
 
-    def _result(self, q: RetrievalQuery, row: np.ndarray, scores: np.ndarray) -> RetrievalResult:
-        excluded = set(q.exclude_source_ids)
-        picked: list[RetrievedChunk] = []
-        for i, s in zip(row.tolist(), scores.tolist(), strict=True):
-            if s <= 0 or len(picked) == q.k:
-                break
-            c = self.chunks[i]
-            if c.source_id in excluded:
-                continue
-            picked.append(RetrievedChunk.model_construct(chunk_id=c.chunk_id, source_id=c.source_id, text=c.text,
-                                                         score=float(s)))
-        return RetrievalResult.model_construct(query_id=q.query_id, chunks=picked, error=None)
+    def _result(self, q: RetrievalQuery, row: np.ndarray, scores: np.ndarray) -> list[tuple[Chunk, float]]:
+        keep = scores > 0
+        excluded = [self._source_index[s] for s in q.exclude_source_ids if s in self._source_index]
+        if excluded:
+            keep &= ~np.isin(self._source_of[row], excluded)
+        chunks = self.chunks
+        return [(chunks[i], s) for i, s in zip(row[keep][: q.k].tolist(), scores[keep][: q.k].tolist(), strict=True)]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from services.trainer.hooks import Callback
 from services.trainer.job import train_config_for_manifest
 from services.trainer.loop import Trainer
 from shared.data.dataset import BatchLoader, TokenDataset
@@ -51,3 +52,27 @@ def test_with_a_context_loss_weight_the_retrieved_targets_count(corpus_root: Pat
     loss, _ = step_once(manifest, tmp_path / "a", BatchLoader)
     loss_s, _ = step_once(manifest, tmp_path / "b", ScrambledContextTargets)
     assert loss != loss_s  # the same test can fail: the mask is what makes the first one pass
+
+
+class Logged(Callback):
+    def __init__(self) -> None:
+        self.metrics: list[dict] = []
+
+    def on_log(self, trainer, metrics) -> None:
+        self.metrics.append(metrics)
+
+
+def test_the_trainer_reports_base_token_loss_and_the_retrieved_share(corpus_root: Path, tmp_path: Path) -> None:
+    result = prepare(corpus_root, rag_config(seq_len=96, context_loss_weight=0.5))
+    train = make_config(max_steps=2, batch={"global_batch_size": 8, "micro_batch_size": 4, "seq_len": 96},
+                        log={"every": 1})
+    cfg = train_config_for_manifest(train.model_dump(mode="json"), result.manifest_path)
+    logged = Logged()
+    data = BatchLoader(TokenDataset(result.manifest_path, "train", batch_size=4, seq_len=96, seed=0))
+    Trainer(cfg, data, tmp_path / "run", callbacks=[logged]).fit()
+    last = logged.metrics[-1]
+    share = result.manifest.rag.tokens["context"] / sum(result.manifest.rag.tokens.values())
+    assert 0.5 * share < last["retrieved_fraction"] < 1.5 * share
+    assert last["probes"]["rag.retrieved_fraction"] == last["retrieved_fraction"]
+    # With retrieved tokens at weight 0.5 the objective mixes them in; the base-token loss is apart.
+    assert last["loss_base"] != last["loss"] and last["probes"]["rag.loss_base"] == last["loss_base"]
