@@ -17,6 +17,7 @@ from contracts import (
     EvaluationCompleted,
     HealthAlert,
     ModelReady,
+    RetrievalFallback,
     RunCancelled,
     RunFailed,
     RunRequested,
@@ -121,4 +122,7 @@ def describe(env: Envelope[Any]) -> str:
             return f"cancelled by {p.requested_by}: {p.reason}"
         case RunRequested():
             return f"run {p.name} requested: stages {p.stages}"
+        case RetrievalFallback():
+            return (f"WARNING retrieval fell back from {p.from_retriever or 'no retriever'} to {p.to_retriever} "
+                    f"for {p.queries} queries: {p.reason}")
     return p.model_dump_json()[:200]

@@ -117,7 +117,9 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig
         err.print("[red]error:[/red] nothing handles these stages yet: " + "; ".join(missing), soft_wrap=True)
         err.print("start the services (`helox up`) or drop those stages from the config's `stages:`")
         return 1
-    lifecycle = [t.stream(prefix) for k, t in TOPICS.items() if k not in ("services.heartbeat",)]
+    # Telemetry and RAG request/reply traffic are not the run's story (a fallback is, and shows).
+    quiet = ("services.heartbeat", "retrieval.heartbeat", "retrieval.requested", "retrieval.completed")
+    lifecycle = [t.stream(prefix) for k, t in TOPICS.items() if k not in quiet]
     terminal = TERMINAL_FOR_STAGE[cfg.stages[-1]]
     follower = follow(client, lifecycle, start="$", notice=common.notice)
     next(follower)  # pin the start position before publishing
