@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bm25s
 import numpy as np
 import sentencepiece as spm
 
@@ -74,8 +75,8 @@ class RetrieverChoice:
 
     def identity(self) -> dict[str, Any]:
         """What the dataset version depends on: the retriever and its index."""
-        if self.heartbeat is None:
-            return {"retriever": LOCAL}
+        if self.heartbeat is None:  # the local index: a function of the inputs, the settings and bm25s
+            return {"retriever": LOCAL, "bm25s": bm25s.__version__}
         return {"retriever": self.heartbeat.name, "index_digest": self.heartbeat.index_digest}
 
 
