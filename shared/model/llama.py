@@ -127,6 +127,17 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def _fused_linear(x: torch.Tensor, *projections: nn.Module) -> torch.Tensor:
+    """x through several bias-free projections at once: one matmul over their stacked weights.
+
+    Modules that are not plain `nn.Linear` (a dynamically quantized copy, whose `weight` is a
+    method, or anything swapped in by a tool) are applied one by one and concatenated.
+    """
+    if all(type(p) is nn.Linear for p in projections):
+        return F.linear(x, torch.cat([p.weight for p in projections]))
+    return torch.cat([p(x) for p in projections], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -142,8 +153,7 @@ class Attention(nn.Module):
         """x [B, T, C]; cos/sin [B or 1, 1, T, D] -> q [B, H, T, D], k and v [B, K, T, D] (q, k rotated)."""
         B, T, _ = x.shape
         H, K = self.n_head, self.n_kv_head
-        w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))  # [(H + 2K) * D, C]
-        qkv = F.linear(x, w).view(B, T, H + 2 * K, self.head_dim)
+        qkv = _fused_linear(x, self.q_proj, self.k_proj, self.v_proj).view(B, T, H + 2 * K, self.head_dim)
         # Q and K heads side by side get one rotation; the tables broadcast over heads as [., T, 1, D].
         # split, not slicing: its backward is one cat, where each slice's backward zero-fills a full-size gradient.
         qk, v = qkv.split((H + K, K), dim=2)
@@ -187,8 +197,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.cat((self.gate_proj.weight, self.up_proj.weight))  # [2F, C]
-        gate, up = F.linear(x, w).chunk(2, dim=-1)  # [B, T, F] each
+        gate, up = _fused_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)  # [B, T, F] each
         return self.down_proj(F.silu(gate) * up)  # [B, T, C]
 
 
