@@ -3,6 +3,7 @@ and the fast forward (fused projections, joint RoPE, CPU RMSNorm) against the pl
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -324,3 +325,15 @@ def test_rmsnorm_matches_torch_rms_norm_and_the_half_precision_formula():
     x32 = xb.float()
     ref = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
     torch.testing.assert_close(norm(xb), ref)
+
+
+def test_a_dynamically_quantized_copy_runs_its_projections_one_by_one():
+    # quantize_dynamic swaps nn.Linear for modules whose `weight` is a method: no weights to stack.
+    torch.manual_seed(5)
+    m = Llama(model_preset("tiny")).eval()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(m), {torch.nn.Linear}, dtype=torch.qint8)
+    assert type(q.layers[0].self_attn.q_proj) is not torch.nn.Linear
+    ids = torch.randint(0, 1024, (2, 12))
+    with torch.no_grad():
+        ref, out = m(ids), q(ids)
+    assert (out - ref).norm() / ref.norm() < 0.05
