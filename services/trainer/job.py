@@ -19,7 +19,7 @@ from shared.data.manifest import load_histograms, load_manifest
 from .config import TrainConfig
 from .distributed import DistContext, init_distributed
 from .hooks import Callback
-from .loop import Trainer
+from .loop import Trainer, TrainingError
 
 
 def train_config(train: dict[str, Any], *, vocab_size: int, dataset_version: str) -> TrainConfig:
@@ -41,6 +41,16 @@ def histogram_baseline(manifest_path: Path) -> np.ndarray | None:
     return np.sum(train, axis=0) if train else None
 
 
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """Samples per rank of a global batch; refused unless the ranks split it evenly."""
+    if global_batch % world_size:
+        raise TrainingError(
+            f"train.batch.global_batch_size ({global_batch}) is not divisible by the world size ({world_size}): "
+            f"use a multiple of {world_size}, or a number of ranks that divides it"
+        )
+    return global_batch // world_size
+
+
 def build_trainer(
     cfg: TrainConfig,
     manifest_path: Path,
@@ -59,8 +69,8 @@ def build_trainer(
     """
     ctx = dist or init_distributed(cfg.distributed, cfg.device)
     world, rank = ctx.world_size, ctx.rank
+    per_rank = per_rank_batch(cfg.batch.global_batch_size, world)
     T = cfg.curriculum.seq_len_start or cfg.batch.seq_len
-    per_rank = max(1, cfg.batch.global_batch_size // world)
     data = BatchLoader(TokenDataset(manifest_path, "train", batch_size=per_rank, seq_len=T, seed=cfg.seed,
                                     rank=rank, world_size=world))
     val = BatchLoader(TokenDataset(manifest_path, "val", batch_size=per_rank, seq_len=cfg.batch.seq_len,
