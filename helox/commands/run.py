@@ -55,6 +55,7 @@ STAGE_CONSUMERS = {
 }
 
 SAMPLE_PROMPT = "def "
+SAMPLE_TOKENS = 64
 
 
 def run(
@@ -200,12 +201,18 @@ def _show_model(ready: ModelReady, settings: HeloxSettings) -> None:
         console.print(f"  {name:<10} {ref.uri.removeprefix('file://')} ({ref.size_bytes / 1e6:.1f} MB)", highlight=False)
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in ready.metrics.items())
     console.print(f"  metrics: {metrics}", highlight=False)
-    try:
-        from ..sample import sample_export
+    from ..sample import RUN_SAMPLING, sample_from_export
 
-        text = sample_export(export_dir_of(ready), common.signing_key(settings), SAMPLE_PROMPT)
+    try:
+        sample = sample_from_export(export_dir_of(ready), common.signing_key(settings), SAMPLE_PROMPT,
+                                    max_new_tokens=SAMPLE_TOKENS)
     except Exception as exc:  # the run succeeded; a sample is a courtesy
         err.print(f"[yellow]could not sample from the export: {exc}[/yellow]", soft_wrap=True)
         return
-    sample = re.sub(r"\n{3,}", "\n\n", text)
-    console.print(f"  sample ({SAMPLE_PROMPT!r} ->):\n{SAMPLE_PROMPT}{sample}", highlight=False)
+    bpb = ready.metrics.get("bits_per_byte")
+    how = ", ".join(f"{k} {v}" for k, v in RUN_SAMPLING.items())
+    console.print(f"  val bits/byte {bpb:.3f} (evaluator, validation split)" if bpb is not None
+                  else "  val bits/byte: not evaluated", highlight=False)
+    console.print(f"  sample ({SAMPLE_PROMPT!r} ->, {len(sample.token_ids)} tokens, {how}; most repeated 4-gram: "
+                  f"{sample.max_4gram_repeats}x):", highlight=False)
+    console.print(SAMPLE_PROMPT + re.sub(r"\n{3,}", "\n\n", sample.text), highlight=False, markup=False)

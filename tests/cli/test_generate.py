@@ -175,3 +175,22 @@ def test_max_ngram_repeats_counts_the_most_repeated_4gram():
     assert max_ngram_repeats([1, 2, 3]) == 0
     assert max_ngram_repeats([1, 2, 3, 4, 5, 6]) == 1
     assert max_ngram_repeats([1, 2, 3, 4] * 3) == 3  # 1234 at 0, 4, 8
+
+
+def test_the_run_prints_val_bpb_next_to_a_seeded_sample_and_its_repeat_count(exported, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from helox import common
+    from helox.commands.run import SAMPLE_PROMPT, _show_model
+    from helox.sample import sample_from_export
+
+    monkeypatch.setenv("HELOX_SIGNING_KEY", KEY)
+    ready = SimpleNamespace(model_id="m1", manifest=SimpleNamespace(uri=f"file://{exported['export']}/manifest.json"),
+                            formats={}, metrics={"bits_per_byte": 1.734})
+    _show_model(ready, common.settings())
+    out = capsys.readouterr().out
+    s = sample_from_export(exported["export"], KEY, SAMPLE_PROMPT, max_new_tokens=64)
+    assert s == sample_from_export(exported["export"], KEY, SAMPLE_PROMPT, max_new_tokens=64)  # seeded
+    assert "val bits/byte 1.734" in out
+    assert f"most repeated 4-gram: {max_ngram_repeats(s.token_ids)}x" in out and "temperature 0.8" in out
+    assert (SAMPLE_PROMPT + s.text).strip()[:20] in out
