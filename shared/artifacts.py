@@ -1,7 +1,12 @@
-"""The artifact store: a root directory addressed by file:// URIs.
+"""The artifact store: a root directory addressed by file:// URIs, or an s3://bucket/prefix.
 
 Events carry references (URI + SHA-256 + size), never bytes. A service resolves an
 incoming URI only inside its store: an event pointing elsewhere is refused.
+
+With an `s3://bucket/prefix` root (shared/s3store.py) services still write into a local
+directory (`root`: a staging area under the state dir); `ref()` publishes the file (a
+directory artifact's files first, its manifest last, each verified after upload) and returns
+an `s3://` reference; `open_verified()` downloads into a content-addressed local cache.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from contracts import ArtifactRef
+from shared.s3store import MANIFEST_NAME, S3Backend, S3Location, S3Options, is_s3_root
 
 _CHUNK = 1 << 20
 
@@ -41,8 +48,51 @@ def sha256_bytes(data: bytes) -> str:
 class ArtifactStore:
     """A directory tree holding datasets, checkpoints and exports."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).expanduser().resolve()
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        s3: S3Options | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """`root`: a directory, or `s3://bucket/prefix` (then the staging area and the cache live
+        under `state_dir`, default HELOX_STATE_DIR or .helox/state; `s3` default: HELOX_S3_*/AWS_*)."""
+        self.remote: S3Backend | None = None
+        self.spec = os.fspath(root)
+        if is_s3_root(root):
+            loc = S3Location.parse(root)
+            self.spec = loc.uri
+            state = Path(state_dir if state_dir is not None else os.environ.get("HELOX_STATE_DIR", ".helox/state"))
+            state = state.expanduser().resolve()
+            staging = state / "artifacts-s3" / loc.bucket / (loc.prefix or "_")
+            cache = Path(cache_dir).expanduser().resolve() if cache_dir is not None else state / "artifact-cache"
+            self.remote = S3Backend(loc, s3 or S3Options.from_env(), cache)
+            self.root = staging
+        else:
+            self.root = Path(root).expanduser().resolve()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ArtifactStore:
+        """The store a HeloxSettings names (its S3 endpoint and credentials when `artifacts` is s3://)."""
+        if not is_s3_root(settings.artifacts):
+            return cls(settings.artifacts)
+
+        def secret(v: Any) -> str | None:
+            return v.get_secret_value() if hasattr(v, "get_secret_value") else v
+
+        env = S3Options.from_env()
+        opts = S3Options(
+            endpoint_url=getattr(settings, "s3_endpoint_url", None) or env.endpoint_url,
+            access_key_id=secret(getattr(settings, "s3_access_key_id", None)) or env.access_key_id,
+            secret_access_key=secret(getattr(settings, "s3_secret_access_key", None)) or env.secret_access_key,
+            region=getattr(settings, "s3_region", None) or env.region,
+        )
+        return cls(settings.artifacts, state_dir=settings.state_dir, s3=opts)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.remote is not None
 
     def path(self, *parts: str) -> Path:
         """A path inside the store (nothing is created)."""
@@ -53,11 +103,16 @@ class ArtifactStore:
     def uri(self, path: str | os.PathLike[str]) -> str:
         p = Path(path).resolve()
         self._check_inside(p, str(path))
+        if self.remote is not None:
+            return self.remote.location.uri_of(self._rel(p))
         return p.as_uri()
 
     def resolve(self, uri_or_path: str | os.PathLike[str]) -> Path:
         """The local path of a file:// URI or path; refuses anything outside the store."""
         text = str(uri_or_path)
+        if self.remote is not None and text.startswith("s3://"):
+            # The staging-area counterpart of an object (nothing is downloaded: see open_verified).
+            return self.root.joinpath(self._s3_rel(text)).resolve()
         if "://" in text:
             parsed = urlparse(text)
             if parsed.scheme != "file":
@@ -76,10 +131,24 @@ class ArtifactStore:
     def ref(self, path: str | os.PathLike[str]) -> ArtifactRef:
         """An ArtifactRef (URI, SHA-256, size) for a file in the store."""
         p = self.resolve(path)
+        if self.remote is not None:
+            rel = self._rel(p)
+            digest, size = self.remote.publish(rel, p)
+            return ArtifactRef(uri=self.remote.location.uri_of(rel), sha256=digest, size_bytes=size)
         return ArtifactRef(uri=p.as_uri(), sha256=sha256_file(p), size_bytes=p.stat().st_size)
 
     def open_verified(self, ref: ArtifactRef) -> Path:
-        """Resolve a reference and check size and SHA-256; raises ArtifactDigestError naming the file."""
+        """Resolve a reference and check size and SHA-256; raises ArtifactDigestError naming the file.
+
+        s3:// references: the verified copy in the local cache (downloaded once); for a
+        manifest.json listing files beside it, a cached directory holding them all, each
+        verified against the manifest, so `open_verified(ref).parent` is the artifact's directory."""
+        if self.remote is not None and ref.uri.startswith("s3://"):
+            rel = self._s3_rel(ref.uri)
+            cached = self.remote.fetch(rel, ref.sha256, ref.size_bytes)
+            if rel.rpartition("/")[2] == MANIFEST_NAME:
+                return self.remote.fetch_dir(rel, cached, ref.sha256)
+            return cached
         p = self.resolve(ref.uri)
         if not p.is_file():
             raise FileNotFoundError(f"artifact {ref.uri} does not exist")
@@ -94,7 +163,10 @@ class ArtifactStore:
     def read_verified(self, ref: ArtifactRef) -> bytes:
         """The bytes of a (small) referenced file, checked against its size and SHA-256 as read:
         what is returned is exactly what was verified. Raises like `open_verified`."""
-        p = self.resolve(ref.uri)
+        if self.remote is not None and ref.uri.startswith("s3://"):
+            p = self.remote.fetch(self._s3_rel(ref.uri), ref.sha256, ref.size_bytes)
+        else:
+            p = self.resolve(ref.uri)
         if not p.is_file():
             raise FileNotFoundError(f"artifact {ref.uri} does not exist")
         data = p.read_bytes()
@@ -113,6 +185,18 @@ class ArtifactStore:
     def _check_inside(self, p: Path, shown: str) -> None:
         if p != self.root and self.root not in p.parents:
             raise ArtifactOutsideStoreError(f"{shown!r} resolves to {p}, outside the artifact store {self.root}")
+
+    def _rel(self, p: Path) -> str:
+        return p.relative_to(self.root).as_posix()
+
+    def _s3_rel(self, uri: str) -> str:
+        assert self.remote is not None
+        rel = self.remote.location.relative(uri)
+        if rel is None or rel == "":
+            raise ArtifactOutsideStoreError(
+                f"{uri!r} lies outside the artifact store {self.remote.location.uri}"
+            )
+        return rel
 
 
 def process_umask() -> int:

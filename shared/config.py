@@ -57,8 +57,20 @@ class HeloxSettings(BaseSettings):
         "Unset: `helox` starts an embedded redis-server.",
     )
     topic_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every stream name.")
-    artifacts: Path = Field(default=Path(".helox/artifacts"), description="Artifact store root.")
+    artifacts: Path = Field(
+        default=Path(".helox/artifacts"),
+        description="Artifact store root: a directory, or s3://bucket/prefix (shared/s3store.py; "
+        "held as a Path, which shows it as s3:/bucket/prefix).",
+    )
     state_dir: Path = Field(default=Path(".helox/state"), description="Local state: outbox files, embedded Redis data.")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint for an s3:// artifact store (else AWS_ENDPOINT_URL or AWS's)."
+    )
+    s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key (else AWS_ACCESS_KEY_ID).")
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret key (else AWS_SECRET_ACCESS_KEY)."
+    )
+    s3_region: str | None = Field(default=None, description="S3 region (else AWS_REGION; default us-east-1).")
     instance: str | None = Field(default=None, description="Instance name; default host-pid... stable per process.")
     log_format: Literal["json", "console"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
