@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.helox-installed
 TORCH  := torch==2.13.0
-EXTRAS := test,semantic,eval,export,llama
+EXTRAS := test,semantic,eval,export,llama,s3
 
 .PHONY: install run test test-all bench clean redis-server
 
