@@ -33,6 +33,7 @@ from .export import (
     dataset_tokenizer,
     export_checkpoint,
     model_ready_payload,
+    rag_template_of,
 )
 
 log = get_logger("helox.exporter")
@@ -75,7 +76,8 @@ class ExporterService:
         rt.current_work = f"exporting {run_id} ({decision.reason})"
         try:
             ready = await asyncio.to_thread(self._export, decision, config, ref.sha256, run_id,
-                                            key.get_secret_value(), _metrics(env.payload))
+                                            key.get_secret_value(), _metrics(env.payload),
+                                            getattr(env.payload, "retrieval", None))
         except (CheckpointError, ExportError, FileNotFoundError) as exc:
             await self._fail(f"export of {decision.checkpoint.uri} failed: {exc}", type(exc).__name__)
             await rt.idempotency.commit(decision.digest, "failed")
@@ -96,18 +98,20 @@ class ExporterService:
         log.info("model ready", model_id=ready.model_id, formats=sorted(ready.formats))
 
     def _export(self, decision: ExportDecision, config: ExportConfig, config_hash: str, run_id: str, key: str,
-                metrics: dict[str, float]) -> ModelReady:
+                metrics: dict[str, float], retrieval: dict[str, float] | None = None) -> ModelReady:
         store = self.rt.store
         checkpoint_dir = store.resolve(decision.checkpoint.uri).parent
         meta = json.loads((checkpoint_dir / "manifest.json").read_text()).get("meta", {})
         dataset_version = meta.get("dataset_version")
         if not dataset_version:
             raise ExportError(f"{checkpoint_dir} does not name its dataset version; cannot find its tokenizer")
-        tokenizer = dataset_tokenizer(store.path("datasets", dataset_version, "manifest.json"))
+        dataset_manifest = store.path("datasets", dataset_version, "manifest.json")
+        tokenizer = dataset_tokenizer(dataset_manifest)
         result = export_checkpoint(
             checkpoint_dir, tokenizer, None, store.path(config.out_dir), run_id=run_id,
             dataset_version=dataset_version, config_hash=config_hash, signing_key=key, config=config,
             metrics=metrics, expected_digest=decision.digest, code_version=code_version(),
+            rag_template=rag_template_of(dataset_manifest), retrieval=retrieval,
         )
         step = decision.step if decision.step is not None else int(json.loads(
             (checkpoint_dir / "manifest.json").read_text()).get("step", 0))

@@ -9,6 +9,8 @@ An export lives in `<out_dir>/<checkpoint digest[:24]>/` (idempotent by checkpoi
     manifest.json     canonical JSON: files + SHA-256, fingerprint, lineage, formats, parity
     signature.json    HMAC-SHA256 of manifest.json (key id, algorithm)
     README.md         the model card
+    rag_template.json the prompt template of a model trained with retrieved context (RAG-packed
+                      dataset only): boundary tokens, k, context budget, window; Cyrex reads it
     native/ hf/ onnx/ gguf/ [tensorrt/]
 
 It is built in a hidden temporary directory and renamed into place; a complete, valid export
@@ -56,6 +58,7 @@ from .verify import EXPORT_FORMAT, MANIFEST_FILE, SIGNATURE_FILE, read_manifest,
 from .watermark import derive_watermark_key, detect_watermark, embed_watermark
 
 MODEL_CARD_FILE = "README.md"
+RAG_TEMPLATE_FILE = "rag_template.json"
 PARITY_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "def add(x, y=3):\n    return x + y * 12\n\nclass Point:\n    def __init__(self, x):\n        self.x = x\n"
@@ -126,6 +129,49 @@ def dataset_tokenizer(dataset_manifest: str | Path) -> Path:
     return path
 
 
+def rag_template_of(dataset_manifest: str | Path) -> dict[str, Any] | None:
+    """The prompt template of a RAG-packed dataset (what `rag_template.json` holds); None when the
+    dataset was not packed with retrieved context."""
+    from shared.data.config import RAG_BOUNDARY_TOKENS, RagConfig
+    from shared.data.manifest import load_manifest
+
+    manifest = load_manifest(dataset_manifest)
+    if manifest.rag is None:
+        return None
+    k = (manifest.config.get("rag") or {}).get("k", RagConfig().k)
+    missing = [t for t in RAG_BOUNDARY_TOKENS if t not in manifest.rag.boundary_ids]
+    if missing:
+        raise ExportError(f"dataset manifest {dataset_manifest}: rag.boundary_ids lacks {missing}")
+    chunk_open, chunk_close, doc_marker = RAG_BOUNDARY_TOKENS
+    return {"chunk_open": chunk_open, "chunk_close": chunk_close, "doc_marker": doc_marker, "k": int(k),
+            "context_budget": float(manifest.rag.context_budget), "seq_len": int(manifest.rag.seq_len)}
+
+
+def check_rag_template(template: Mapping[str, Any], tokenizer_path: str | Path) -> dict[str, Any]:
+    """The template as written: markers, k > 0, 0 < context_budget <= 1, seq_len > 0 (optional);
+    every marker must be a user-defined piece of the tokenizer (one token the model was trained
+    on). Raises ExportError otherwise."""
+    t = dict(template)
+    markers = [t.get(m) for m in ("chunk_open", "chunk_close", "doc_marker")]
+    try:
+        k, budget = int(t["k"]), float(t["context_budget"])
+        seq_len = int(t["seq_len"]) if t.get("seq_len") is not None else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"invalid RAG prompt template {t}: {exc!r}") from exc
+    if not all(isinstance(m, str) and m for m in markers) or k < 1 or not 0 < budget <= 1 or (
+            seq_len is not None and seq_len < 1):
+        raise ExportError(f"invalid RAG prompt template {t}: markers must be non-empty strings, k >= 1, "
+                          "0 < context_budget <= 1, seq_len >= 1")
+    pieces = hf.user_defined_pieces(tokenizer_path)
+    bad = [m for m in markers if m not in pieces]
+    if bad:
+        raise ExportError(f"RAG markers {bad} are not user-defined pieces of tokenizer {tokenizer_path} "
+                          f"(it has {sorted(pieces)}): export with the tokenizer of the RAG-packed dataset")
+    out = {"chunk_open": markers[0], "chunk_close": markers[1], "doc_marker": markers[2], "k": k,
+           "context_budget": budget}
+    return {**out, "seq_len": seq_len} if seq_len is not None else out
+
+
 def _file_table(root: Path) -> dict[str, dict[str, Any]]:
     skip = {MANIFEST_FILE, SIGNATURE_FILE}
     out = {}
@@ -179,6 +225,8 @@ def export_checkpoint(
     expected_digest: str | None = None,
     code_version: str | None = None,
     gguf_types: list[str] | tuple[str, ...] | None = None,
+    rag_template: Mapping[str, Any] | None = None,
+    retrieval: Mapping[str, float] | None = None,
 ) -> ExportResult:
     """Export a verified checkpoint into `out_dir/<digest[:24]>/` and return what was written.
 
@@ -188,6 +236,10 @@ def export_checkpoint(
     defaults to one derived from the signing key. Raises CheckpointCorruptError for a bad checkpoint, ExportParityError
     when a format does not match PyTorch (with config.parity.fail_on_mismatch), ExportError when
     the finished export fails its own verification.
+
+    `rag_template` (`rag_template_of` the dataset, for a model trained with retrieved context)
+    is written as rag_template.json, listed in the signed manifest and shown in the model card,
+    with the evaluator's `retrieval` gain figures when given.
     """
     cfg = config or ExportConfig()
     wanted = list(dict.fromkeys(formats if formats is not None else cfg.formats))
@@ -217,6 +269,9 @@ def export_checkpoint(
     wm_key_id = key_id(wm_key) if wm_key is not None else None
     options = {"formats": wanted, "gguf_types": list(cfg.gguf_types), "onnx_kv_cache": cfg.onnx_kv_cache,
                "watermark_strength": cfg.watermark.strength if cfg.watermark.enabled else None}
+    template = check_rag_template(rag_template, tokenizer_path) if rag_template is not None else None
+    if template is not None:
+        options["rag_template"] = template
 
     final = out_root / digest[:24]
     existing = _reusable(final, signing_key, wm_key_id, options)
@@ -265,8 +320,10 @@ def export_checkpoint(
         n_params = model.num_params()
         card = model_card(model_id=model_id, provenance=prov, model_config=model_config.model_dump(mode="json"),
                           n_params=n_params, formats=entries, metrics=metrics, watermark=watermark_info,
-                          parity=parity)
+                          parity=parity, rag_template=template, retrieval=retrieval)
         (tmp / MODEL_CARD_FILE).write_text(card)
+        if template is not None:
+            atomic_write_bytes(tmp / RAG_TEMPLATE_FILE, json.dumps(template, indent=1, sort_keys=True).encode())
         manifest = {
             "format": EXPORT_FORMAT,
             "model_id": model_id,
@@ -282,6 +339,7 @@ def export_checkpoint(
             "metrics": {k: float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))},
             "options": options,
             "model_card": MODEL_CARD_FILE,
+            **({"rag_template": RAG_TEMPLATE_FILE} if template is not None else {}),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "files": _file_table(tmp),
         }

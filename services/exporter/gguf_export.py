@@ -5,7 +5,8 @@
 Q and K rows are permuted from the HF rotate_half RoPE layout (dim i paired with i + D/2) to
 llama.cpp's (consecutive pairs) with llama.cpp's own converter `permute` (K with n_kv_head).
 The vocabulary comes from the sentencepiece model proto: pieces, scores and piece types (the
-proto's types are GGUF's token types); no dummy prefix, no BOS added, as Helox tokenizes.
+proto's types are GGUF's token types: user-defined pieces, RAG's `<ctx>` `</ctx>` `<doc>`, are
+USER_DEFINED, type 4, which llama.cpp never splits); no dummy prefix, no BOS added, as Helox tokenizes.
 Norm gains stay f32 in every file; bf16 and q8_0 go through gguf's numpy quantizer.
 Provenance goes into `general.helox.*` keys.
 
@@ -344,8 +345,13 @@ def check_gguf(path: Path, model: Llama, tokenizer_path: str | Path, *, f32_atol
     import sentencepiece as spm
     import torch
 
+    from .hf import user_defined_pieces
+
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     prompts = [sp.encode(t)[: model.config.max_seq_len] for t in PARITY_TEXTS]
+    # Tokenization is also compared on each user-defined piece alone and on all of them in a text.
+    pieces = list(user_defined_pieces(tokenizer_path))
+    texts = list(PARITY_TEXTS) + pieces + (["".join(f"{p}x = 1\n" for p in pieces) + PARITY_TEXTS[0]] if pieces else [])
     with torch.no_grad():
         refs = [model(torch.tensor([p]))[0].numpy() for p in prompts]
     results: dict[str, Any] = {"settings": STOCK_LOAD}
@@ -353,14 +359,14 @@ def check_gguf(path: Path, model: Llama, tokenizer_path: str | Path, *, f32_atol
     for file in sorted(path.glob("model-*.gguf")):
         kind = file.stem.removeprefix("model-")
         try:
-            got_all, tokens, version = llama_cpp_logits(file, prompts, list(PARITY_TEXTS))
+            got_all, tokens, version = llama_cpp_logits(file, prompts, texts)
             exact = llama_cpp_logits(file, prompts, [], exact_kv=True)[0] if kind == "f32" else None
         except LlamaCppCrash as exc:
             results[kind] = {"passed": False, "error": str(exc)}
             passed = False
             continue
         results["runtime"] = f"llama-cpp-python {version}"
-        tok_same = all(t == sp.encode(text) for t, text in zip(tokens, PARITY_TEXTS, strict=True))
+        tok_same = all(t == sp.encode(text) for t, text in zip(tokens, texts, strict=True))
         top1 = total = last_top1 = 0
         diff = 0.0
         for got, ref in zip(got_all, refs, strict=True):

@@ -6,6 +6,8 @@ Built the safe way: LlamaForCausalLM from `hf_config`, `load_state_dict(strict=T
 metadata (same tensors), and the provenance also goes into config.json under "helox".
 The tokenizer keeps Helox's sentencepiece options: no dummy prefix (add_prefix_space=False),
 no BOS/EOS added on encode; parity checks that it encodes exactly as sentencepiece does.
+The sentencepiece model's user-defined pieces (RAG's `<ctx>`, `</ctx>`, `<doc>`) are declared
+extra special tokens: never split, one id each, the sentencepiece id.
 """
 
 from __future__ import annotations
@@ -61,8 +63,24 @@ def build_hf_model(model: Llama, ids: dict[str, int], provenance: dict[str, str]
     return hm.eval()
 
 
-def _tokenizer_config(ids: dict[str, int], max_len: int) -> dict[str, Any]:
+USER_DEFINED = 4
+"""sentencepiece's ModelProto.SentencePiece.Type.USER_DEFINED (GGUF's token type 4 too)."""
+
+
+def user_defined_pieces(tokenizer_path: str | Path) -> dict[str, int]:
+    """piece -> id of every user-defined piece of a sentencepiece model, in id order (from the proto:
+    sentencepiece's Python API has no is_user_defined)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(tokenizer_path).read_bytes())
+    return {p.piece: i for i, p in enumerate(proto.pieces) if p.type == USER_DEFINED}
+
+
+def _tokenizer_config(ids: dict[str, int], max_len: int, extra: list[str] | None = None) -> dict[str, Any]:
+    extra_tokens = {"extra_special_tokens": list(extra)} if extra else {}
     return {
+        **extra_tokens,
         "tokenizer_class": "LlamaTokenizer",
         "add_prefix_space": False,  # sentencepiece trained with add_dummy_prefix=False
         "legacy": False,
@@ -102,7 +120,8 @@ def write_hf(
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(tokenizer_path, Path(tmp) / "tokenizer.model")
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(ids, model.config.max_seq_len)))
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(
+            _tokenizer_config(ids, model.config.max_seq_len, list(user_defined_pieces(tokenizer_path)))))
         tok = AutoTokenizer.from_pretrained(tmp)  # converts the sentencepiece model (tokenizer.json)
         tok.save_pretrained(out)
     shutil.copyfile(tokenizer_path, out / "tokenizer.model")
@@ -163,6 +182,10 @@ def check_hf(path: Path, model: Llama, input_ids: torch.Tensor, tokenizer_path: 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     tokens_match = all(tok.encode(t, add_special_tokens=False) == sp.encode(t) for t in PARITY_TEXTS)
     decode_match = all(tok.decode(sp.encode(t)) == sp.decode(sp.encode(t)) for t in PARITY_TEXTS)
+    # User-defined pieces (RAG boundary tokens): one id each, sentencepiece's, and back to the piece.
+    pieces = user_defined_pieces(tokenizer_path)
+    pieces_match = all(tok.encode(p, add_special_tokens=False) == [i] and tok.decode([i]) == p
+                       for p, i in pieces.items())
 
     ref = model(input_ids)
     got = hm(input_ids).logits
@@ -172,7 +195,9 @@ def check_hf(path: Path, model: Llama, input_ids: torch.Tensor, tokenizer_path: 
     prompt = input_ids[:, : max(1, min(8, input_ids.size(1)))]
     same_generation = greedy_matches(hm, model, prompt, max_new_tokens, eos=tok.eos_token_id)
     return {
-        "passed": diff <= atol and argmax == 1.0 and same_generation and tokens_match and decode_match,
+        "passed": diff <= atol and argmax == 1.0 and same_generation and tokens_match and decode_match
+        and pieces_match,
         "max_abs_diff": diff, "atol": atol, "argmax_agreement": argmax, "greedy_identical": same_generation,
-        "tokenizer_identical": tokens_match and decode_match, "runtime": f"transformers {transformers.__version__}",
+        "tokenizer_identical": tokens_match and decode_match, "user_defined_tokens": len(pieces),
+        "user_defined_identical": pieces_match, "runtime": f"transformers {transformers.__version__}",
     }

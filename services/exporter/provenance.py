@@ -148,8 +148,10 @@ def model_card(
     *, model_id: str, provenance: Mapping[str, str], model_config: Mapping[str, Any], n_params: int,
     formats: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
     watermark: Mapping[str, Any] | None = None, parity: Mapping[str, Any] | None = None,
+    rag_template: Mapping[str, Any] | None = None, retrieval: Mapping[str, float] | None = None,
 ) -> str:
-    """README.md of the export: what the model is, where it comes from, how to check it."""
+    """README.md of the export: what the model is, where it comes from, how to check it (and, for
+    a model trained with retrieved context, its prompt template and retrieval gain)."""
     p = provenance
     lines = [
         f"# {model_id}",
@@ -176,6 +178,7 @@ def model_card(
         lines += ["| metric | value |", "| --- | --- |"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
     else:
         lines.append("No evaluation metrics were attached to this export.")
+    lines += _rag_section(rag_template, retrieval)
     lines += ["", "## Files", "", "| format | where | notes |", "| --- | --- | --- |"]
     for name, info in formats.items():
         if info.get("status") == "skipped":
@@ -216,6 +219,52 @@ def model_card(
             f"`{watermark.get('key_id')}`), function-preserving: it changes no output beyond float rounding.",
         ]
     return "\n".join(lines) + "\n"
+
+
+RETRIEVAL_ROWS = (
+    ("loss_without", "nats/token", "base tokens, no context"),
+    ("loss_with", "nats/token", "base tokens, retrieved chunks in front"),
+    ("loss_random", "nats/token", "base tokens, random chunks of equal length in front (control)"),
+    ("gain", "nats/token", "without - with"),
+    ("control_gain", "nats/token", "without - random"),
+    ("bpb_without", "bits/byte", "no context"),
+    ("bpb_with", "bits/byte", "retrieved context"),
+    ("bpb_random", "bits/byte", "random context"),
+    ("gain_bpb", "bits/byte", "without - with"),
+    ("control_gain_bpb", "bits/byte", "without - random"),
+)
+
+
+def _rag_section(template: Mapping[str, Any] | None, retrieval: Mapping[str, float] | None) -> list[str]:
+    """The prompt template (rag_template.json) and the evaluator's retrieval gain, when there are."""
+    if template is None and not retrieval:
+        return []
+    out = ["", "## Retrieval-augmented prompts", ""]
+    if template is not None:
+        o, c, d = template["chunk_open"], template["chunk_close"], template["doc_marker"]
+        out += [
+            "Trained with retrieved chunks packed in front of each window (the chunks and markers weigh "
+            "nothing in the loss). Prompt it the same way: up to "
+            f"{template['k']} chunks, best first, within {template['context_budget']:.0%} of a window of "
+            f"{template.get('seq_len') or 'the model context'} tokens (markers included), then the marker "
+            "and the text:",
+            "",
+            "```",
+            f"{o}chunk 1{c}{o}chunk 2{c}{d}your text",
+            "```",
+            "",
+            f"`{o}`, `{c}` and `{d}` are single tokens (sentencepiece user-defined symbols; special tokens "
+            "of the HF tokenizer; USER_DEFINED in the GGUF vocabulary). `rag_template.json` holds the "
+            "template, listed in the signed manifest.",
+        ]
+    if retrieval:
+        rows = [(k, unit, what) for k, unit, what in RETRIEVAL_ROWS if k in retrieval]
+        out += ["", "Retrieval gain on validation windows (the evaluator; the control shows what extra tokens "
+                "alone are worth):", "", "| figure | value | unit | meaning |", "| --- | --- | --- | --- |"]
+        out += [f"| {k} | {_fmt(retrieval[k])} | {unit} | {what} |" for k, unit, what in rows]
+        out += [f"| {k} | {_fmt(v)} | | |" for k, v in sorted(retrieval.items()) if k not in dict.fromkeys(
+            r[0] for r in RETRIEVAL_ROWS)]
+    return out
 
 
 def _loading(formats: Mapping[str, Any]) -> list[str]:
