@@ -16,6 +16,10 @@ gguf    llama-cpp-python, in process, loaded the plain way (`Llama(model_path=..
 
 Every format samples with the same `sample_next` (temperature, top-k, top-p; temperature 0 is
 greedy) from one seeded generator, so one seed gives one text in any format at temperature 0.
+
+`--rag` (`rag_prompt_ids`): the prompt gets retrieved context laid out as training packed it,
+<ctx>chunk</ctx>... <doc>prompt, from a local BM25 index (the dataset's rag_index/), with the
+markers, k and context budget of the export's rag_template.json.
 """
 
 from __future__ import annotations
@@ -237,12 +241,13 @@ def open_checkpoint(checkpoint_dir: str | Path, artifacts_root: str | Path, toke
 
 def stream_text(opened: Opened, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.8,
                 top_k: int | None = 40, top_p: float | None = None, seed: int = 0,
-                token_ids: list[int] | None = None) -> Iterator[str]:
+                token_ids: list[int] | None = None, prompt_ids: list[int] | None = None) -> Iterator[str]:
     """The continuation of PROMPT, piece by piece as each token comes (text decoded so far minus
     what was already yielded, so byte-fallback pieces come out once they form characters).
-    `token_ids`, when given, collects the generated ids."""
+    `token_ids`, when given, collects the generated ids; `prompt_ids` replaces the encoded
+    prompt (a RAG prompt: `rag_prompt_ids`)."""
     sp = opened.tokenizer
-    ids = sp.encode(prompt)  # Helox trains without BOS at document starts
+    ids = sp.encode(prompt) if prompt_ids is None else list(prompt_ids)  # no BOS: Helox trains without
     dec = opened.decoder
     room = dec.max_seq_len - len(ids)
     if room <= 0:
@@ -268,6 +273,43 @@ def stream_text(opened: Opened, prompt: str, *, max_new_tokens: int = 64, temper
     text = sp.decode(new)
     if text.startswith(shown) and text != shown:
         yield text[len(shown):]
+
+
+def rag_template(export_dir: Path | None) -> dict[str, Any]:
+    """The export's rag_template.json (a model trained on RAG-packed data); SampleError without one."""
+    path = export_dir / "rag_template.json" if export_dir is not None else None
+    if path is None or not path.is_file():
+        raise SampleError("--rag needs an export with rag_template.json (a model trained on RAG-packed data)")
+    return json.loads(path.read_text())
+
+
+def rag_prompt_ids(sp: spm.SentencePieceProcessor, template: dict[str, Any], index_dir: str | Path, prompt: str,
+                   max_seq_len: int) -> tuple[list[int], int]:
+    """PROMPT with retrieved context laid out as training packed it (`packing.pack_record`):
+    <ctx>chunk</ctx>... <doc>prompt, the chunks of the local BM25 index at INDEX_DIR that the prompt
+    retrieves (rank order, k of the template), within the template's context budget. Returns
+    (ids, chunks used)."""
+    from contracts import RetrievalQuery
+    from services.data_prep.packing import Layout, pack_record
+    from shared.data.manifest import MASK_PAD
+    from shared.retrieval import LocalIndex, LocalIndexError
+
+    markers = [template["chunk_open"], template["chunk_close"], template["doc_marker"]]
+    ids = [sp.piece_to_id(m) for m in markers]
+    if any(i == sp.unk_id() for i in ids):
+        raise SampleError(f"the tokenizer lacks the RAG markers {markers}: not the tokenizer of a RAG-packed dataset")
+    try:
+        index = LocalIndex.load(index_dir)
+    except (OSError, LocalIndexError) as exc:
+        raise SampleError(f"cannot load the retrieval index {index_dir}: {exc}") from exc
+    hits = index.search([RetrievalQuery(query_id="prompt", text=prompt, k=int(template["k"]))])[0]
+    w = int(template.get("seq_len") or max_seq_len) + 1
+    layout = Layout(w, int(float(template["context_budget"]) * w), *ids, pad=max(sp.pad_id(), 0))
+    base = sp.encode(prompt)
+    if len(base) > layout.base_tokens:
+        raise SampleError(f"prompt of {len(base)} tokens exceeds the {layout.base_tokens} the RAG layout leaves")
+    tokens, kinds, used = pack_record(layout, np.array(base, dtype=np.int64), [sp.encode(c.text) for c, _ in hits])
+    return [int(t) for t, k in zip(tokens, kinds, strict=True) if k != MASK_PAD], used
 
 
 def max_ngram_repeats(ids: list[int], n: int = 4) -> int:

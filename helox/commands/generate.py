@@ -25,9 +25,12 @@ def generate(
         "--format", help="Which exported files to run (a checkpoint is native).")] = "native",
     tokenizer: Annotated[Path | None, typer.Option(
         help="sentencepiece model for a checkpoint (default: its dataset's, from the artifact store).")] = None,
+    rag: Annotated[bool, typer.Option(
+        "--rag", help="Prepend retrieved context as training packed it (needs rag_template.json and --index).")] = False,
+    index: Annotated[Path | None, typer.Option(help="Local retrieval index for --rag (a dataset's rag_index/).")] = None,
 ) -> None:
     """Stream tokens as they come. An export that fails verification is refused (exit 1)."""
-    from ..sample import SampleError, is_export, open_checkpoint, open_export, stream_text
+    from ..sample import SampleError, is_export, open_checkpoint, open_export, rag_prompt_ids, rag_template, stream_text
 
     settings = common.settings()
     try:
@@ -39,11 +42,19 @@ def generate(
             opened = open_checkpoint(model, settings.artifacts, tokenizer)
         else:
             raise SampleError(f"{model} is neither an export nor a checkpoint directory (no manifest.json)")
+        prompt_ids = None
+        if rag:
+            if index is None:
+                raise SampleError("--rag needs --index DIR (the local retrieval index, a dataset's rag_index/)")
+            prompt_ids, used = rag_prompt_ids(opened.tokenizer, rag_template(opened.export_dir), index, prompt,
+                                              opened.decoder.max_seq_len)
+            err.print(f"[dim]rag: {used} retrieved chunk(s) before the prompt[/dim]", highlight=False)
         out = sys.stdout
         out.write(prompt)
         out.flush()
         for piece in stream_text(opened, prompt, max_new_tokens=max_tokens, temperature=temperature,
-                                 top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, seed=seed):
+                                 top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, seed=seed,
+                                 prompt_ids=prompt_ids):
             out.write(piece)
             out.flush()
         out.write("\n")

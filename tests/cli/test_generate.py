@@ -194,3 +194,32 @@ def test_the_run_prints_val_bpb_next_to_a_seeded_sample_and_its_repeat_count(exp
     assert "val bits/byte 1.734" in out
     assert f"most repeated 4-gram: {max_ngram_repeats(s.token_ids)}x" in out and "temperature 0.8" in out
     assert (SAMPLE_PROMPT + s.text).strip()[:20] in out
+
+
+def test_rag_prompt_is_laid_out_as_training_packed_it(tmp_path):
+    import sentencepiece as spm
+
+    from helox.sample import rag_prompt_ids
+    from shared.data.config import RAG_BOUNDARY_TOKENS
+    from shared.retrieval import LocalIndex
+
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(train_tokenizer(texts(), TokenizerConfig(vocab_size=1024), user_defined_symbols=RAG_BOUNDARY_TOKENS))
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    docs = [("a", "the kingdom of heaven is like a mustard seed"), ("b", "def parse(x):\n    return int(x)"),
+            ("c", "sorting lists with sorted and key functions")]
+    LocalIndex.build(docs, chunk_tokens=32).save(tmp_path / "index")
+    template = {"chunk_open": "<ctx>", "chunk_close": "</ctx>", "doc_marker": "<doc>", "k": 1,
+                "context_budget": 0.5, "seq_len": 64}
+    prompt = "def parse"
+    ids, used = rag_prompt_ids(sp, template, tmp_path / "index", prompt, 512)
+    ctx_open, ctx_close, doc = (sp.piece_to_id(m) for m in RAG_BOUNDARY_TOKENS)
+    base = sp.encode(prompt)
+    assert used == 1 and ids[0] == ctx_open and ids[-len(base) - 1] == doc and ids[-len(base):] == base
+    assert sp.decode(ids[1:ids.index(ctx_close)]) == docs[1][1]  # the chunk the prompt retrieves
+
+
+def test_rag_needs_an_export_with_a_rag_template(exported, capsys, monkeypatch, tmp_path):
+    code, out, err = _generate(capsys, monkeypatch, str(exported["export"]), "--prompt", PROMPT, "--rag",
+                               "--index", str(tmp_path))
+    assert code == 1 and "rag_template.json" in err and out == ""
