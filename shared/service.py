@@ -19,9 +19,10 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from contracts import ServiceHeartbeat
 from shared.artifacts import ArtifactStore
@@ -144,12 +145,40 @@ def _redacted(url: str) -> str:
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
+DEV_SECRET_PREFIX = "helox-dev-"
+"""The committed development secrets (docker-compose.yml's default Redis passwords, which the
+committed deploy/redis/users.acl holds, and its default signing key) all start with this."""
+ALLOW_DEV_SECRETS = "HELOX_ALLOW_DEV_SECRETS"
+
+
+def refuse_dev_secrets(settings: HeloxSettings, environ: Mapping[str, str] | None = None) -> None:
+    """ConfigError when the settings hold a committed development secret and HELOX_ALLOW_DEV_SECRETS
+    is not 1: a production deploy must not run on passwords and a key anyone can read."""
+    environ = os.environ if environ is None else environ
+    if environ.get(ALLOW_DEV_SECRETS, "").strip() == "1":
+        return
+    found = []
+    password = urlsplit(settings.redis_url or "").password
+    if password and unquote(password).startswith(DEV_SECRET_PREFIX):
+        found.append("the Redis password in HELOX_REDIS_URL")
+    if settings.signing_key and settings.signing_key.get_secret_value().startswith(DEV_SECRET_PREFIX):
+        found.append("HELOX_SIGNING_KEY")
+    if found:
+        raise ConfigError(
+            f"{' and '.join(found)} {'is' if len(found) == 1 else 'are'} a committed development default "
+            f"({DEV_SECRET_PREFIX}...): set real secrets (deploy/redis/README.md), or {ALLOW_DEV_SECRETS}=1 "
+            "on a development stack"
+        )
+
+
 def run_service(service: str, setup: Callable[[ServiceRuntime], None]) -> int:
-    """Entry point of `python -m services.<name>`: exit 2 on bad config, 0 on clean stop."""
+    """Entry point of `python -m services.<name>`: exit 2 on bad config (or development secrets
+    without HELOX_ALLOW_DEV_SECRETS=1), 0 on clean stop."""
     try:
         settings = load_settings()
         if not settings.redis_url:
             raise ConfigError("HELOX_REDIS_URL is not set: services need a Redis (`helox up` starts one for you)")
+        refuse_dev_secrets(settings)
     except ConfigError as exc:
         print(f"{service}: {exc}", file=sys.stderr)
         return 2
