@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from contracts import SERVICE_NAMES
 from shared.config import ConfigError, HeloxSettings
 from shared.service import ALLOW_DEV_SECRETS, refuse_dev_secrets, run_service
+
+from .conftest import REPO
+from .test_compose import with_defaults
 
 
 def settings(url: str | None = "redis://trainer:s3cret-Pw@redis:6379/0", key: str | None = None) -> HeloxSettings:
@@ -75,3 +80,18 @@ def test_allowed_on_a_development_stack() -> None:
 def test_real_or_no_secrets_start(url: str, key: str | None) -> None:
     refuse_dev_secrets(settings(url, key), environ={})
 
+
+def test_every_compose_default_secret_is_refused_and_compose_does_not_allow_them_by_default() -> None:
+    """The compose file's defaults are exactly what the check catches; allowing them is opt-in."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name in SERVICE_NAMES:
+        env = {k: with_defaults(str(v)) for k, v in compose["services"][name]["environment"].items()}
+        assert env[ALLOW_DEV_SECRETS] != "1", f"{name}: compose must not allow the development secrets by default"
+        dev = settings(env["HELOX_REDIS_URL"], env.get("HELOX_SIGNING_KEY"))
+        with pytest.raises(ConfigError):
+            refuse_dev_secrets(dev, environ={ALLOW_DEV_SECRETS: env[ALLOW_DEV_SECRETS]})
+
+
+def test_the_development_env_file_allows_them() -> None:
+    lines = [line.strip() for line in (REPO / ".env.example").read_text().splitlines()]
+    assert f"{ALLOW_DEV_SECRETS}=1" in lines
