@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.helox-installed
 TORCH  := torch==2.13.0
 EXTRAS := test,semantic,eval,export,llama,s3
 
-.PHONY: install run test test-all bench clean redis-server
+.PHONY: install run test test-all test-deploy bench clean redis-server
 
 install: $(STAMP)
 
@@ -40,6 +40,16 @@ test: install redis-server
 
 test-all: install redis-server
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The compose deployment for real (tests/deploy/compose_live.py): build the image, up with two
+# evaluators, a run through the `cli` service, an evaluator SIGKILLed mid-run, `down -v`.
+# Missing Docker is set up with DOCKER_SETUP (as root); where dockerd cannot run it is skipped,
+# saying so. DEPLOY_ARGS="--config configs/demo.yaml" runs the full demo instead of the short one.
+DOCKER_SETUP ?= ../shared/tools/docker-standins.sh
+test-deploy: install
+	@deploy/docker-ready.sh "$(DOCKER_SETUP)"; rc=$$?; \
+	if [ $$rc = 3 ]; then exit 0; elif [ $$rc != 0 ]; then exit $$rc; fi; \
+	$(BIN)/python -m tests.deploy.compose_live $(DEPLOY_ARGS)
 
 bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
