@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -35,9 +36,10 @@ from shared.runs import write_run_config
 
 from .. import common
 from ..common import CLI_PRODUCER, console, err
+from ..errors import CliError
 from ..events import describe, follow
 from ..runconfig import RunConfig
-from ..stack import LocalStack, find_running_stack
+from ..stack import CYREX, LocalStack, default_cyrex_collection, find_running_stack
 
 TERMINAL_FOR_STAGE = {
     "data": DatasetReady,
@@ -62,15 +64,33 @@ def run(
     config: Annotated[Path, typer.Argument(help="Run config YAML.")] = Path("configs/demo.yaml"),
     evaluators: Annotated[int, typer.Option(min=1, max=32)] = 1,
     keep_stack: Annotated[bool, typer.Option(help="Leave a stack started for this run running.")] = False,
+    with_cyrex: Annotated[bool, typer.Option(
+        "--with-cyrex", help="The stack started for this run also runs the reference Cyrex (retrieval for a "
+        "`rag:` run, as `helox up --with-cyrex`).")] = False,
+    cyrex_collection: Annotated[Path | None, typer.Option(
+        help="Documents Cyrex indexes (.txt/.md/.py/.jsonl under it); default: the Python standard "
+        "library, the demo's corpus.")] = None,
 ) -> None:
     """Run the pipeline on CONFIG: use a running stack or start one, follow the run, summarise."""
     cfg, settings = common.load_run(config)
+    if cyrex_collection is not None and not with_cyrex:
+        raise CliError("--cyrex-collection needs --with-cyrex")
 
     stack: LocalStack | None = None
     common.stop_on_signals()
     url = settings.redis_url or find_running_stack(settings)
+    if url is not None and with_cyrex and not _stack_runs_cyrex(settings):
+        # A running stack (or HELOX_REDIS_URL's services) is used as it is: Cyrex cannot be added to it.
+        where = "HELOX_REDIS_URL is set" if settings.redis_url else f"a stack is running at {url.split('@')[-1]}"
+        raise CliError(f"--with-cyrex: {where} without Cyrex; stop it and start `helox up --with-cyrex` "
+                       "(or drop --with-cyrex and run `python -m cyrex_example serve` beside it)")
     if url is None:
-        stack = LocalStack(settings, evaluators=evaluators, config_path=config)
+        try:
+            stack = LocalStack(settings, evaluators=evaluators, config_path=config,
+                               cyrex_collection=(cyrex_collection or default_cyrex_collection()) if with_cyrex
+                               else None)
+        except ValueError as exc:  # a missing Cyrex collection
+            raise CliError(str(exc)) from None
         stack.start()
         url = stack.redis_url
         console.print(f"started a local stack (embedded redis at {url}); logs in {stack.log_dir}")
@@ -90,6 +110,17 @@ def run(
             console.print("stopping the local stack…")
             stack.stop()
     raise typer.Exit(code)
+
+
+def _stack_runs_cyrex(settings: HeloxSettings) -> bool:
+    """Whether the running `helox up` stack (its state file) supervises Cyrex."""
+    if settings.redis_url or find_running_stack(settings) is None:
+        return False
+    try:
+        instances = json.loads((Path(settings.state_dir).resolve() / "stack.json").read_text())["instances"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return f"{CYREX}-1" in instances
 
 
 def _missing_consumers(client: redis.Redis, prefix: str, stages: list[str], wait_s: float = 30.0) -> list[str]:
