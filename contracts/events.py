@@ -305,7 +305,7 @@ class EvaluationCompleted(Event):
     """A checkpoint has been judged."""
 
     EVENT_TYPE = "EvaluationCompleted"
-    SCHEMA_VERSION = "1.1"
+    SCHEMA_VERSION = "1.2"
 
     checkpoint: ArtifactRef = Field(description="The checkpoint evaluated.")
     checkpoint_digest: str = Field(description="Its digest (the idempotency key).")
@@ -325,6 +325,14 @@ class EvaluationCompleted(Event):
         default=None,
         description="The run's configuration file in the artifact store (runs/<run_id>/config.json): "
         "the exporter reads its `export` section from it.",
+    )
+    retrieval: dict[str, float] | None = Field(
+        default=None,
+        description="Retrieval gain of a run trained with retrieved context (a `rag:` section), on validation "
+        "windows: loss of the base tokens (nats/token: loss_without, loss_with, loss_random; bits/byte: "
+        "bpb_without, bpb_with, bpb_random) without context, with retrieved chunks and with random chunks of "
+        "equal length (the control); gain = without - with, control_gain = without - random (and *_bpb), "
+        "windows, chunks. None for a run without a `rag:` section.",
     )
 
 

@@ -57,6 +57,14 @@ class ParityConfig(StrictModel):
     int8_max_ppl_increase: float = Field(default=0.05, ge=0, description="Relative perplexity increase int8 vs fp32.")
 
 
+class RetrievalGainConfig(StrictModel):
+    """Retrieval gain of runs trained with retrieved context (services.evaluator.retrieval_gain)."""
+
+    enabled: bool = Field(default=True, description="Measure it when the dataset is RAG-packed (else skipped).")
+    max_windows: int | None = Field(default=64, ge=1, description="Validation windows measured (None: all).")
+    seed: int = Field(default=0, description="Seed of the random-context control.")
+
+
 class EvalConfig(StrictModel):
     """Everything `evaluate_checkpoint` needs besides the checkpoint and the dataset."""
 
@@ -74,6 +82,7 @@ class EvalConfig(StrictModel):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     parity: ParityConfig = Field(default_factory=ParityConfig)
+    retrieval: RetrievalGainConfig = Field(default_factory=RetrievalGainConfig)
     bootstrap_samples: int = Field(default=2000, ge=100, description="Paired bootstrap resamples.")
     confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Two-sided confidence of the intervals.")
     seed: int = Field(default=0, description="Seed of the bootstrap (and of sampling).")

@@ -69,6 +69,8 @@ class EvalReport(BaseModel):
     domain_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
     suite_scores: dict[str, float] = Field(default_factory=dict)
     parity: dict[str, dict[str, float | int | str | bool | None]] = Field(default_factory=dict)
+    retrieval: dict[str, float] | None = Field(default=None, description="Retrieval gain (RAG-packed datasets).")
+    retrieval_note: str | None = Field(default=None, description="How it was measured, or why it was skipped.")
     gates: list[GateResult] = Field(default_factory=list)
     verdict: Verdict = "pass"
     error: str | None = None
@@ -275,6 +277,16 @@ def evaluate_checkpoint(
                                min(config.parity.seq_len, model.config.max_seq_len))
         parity = run_parity(model, ids, config.parity, pad_id=ctx.pad_id)
         timings["parity_s"] = time.perf_counter() - t0
+    retrieval: dict[str, float] | None = None
+    retrieval_note: str | None = "skipped: evaluator.retrieval.enabled is false"
+    if config.retrieval.enabled:
+        from .retrieval_gain import retrieval_gain  # bm25s and data prep's packing: only when measured
+
+        t0 = time.perf_counter()
+        retrieval, retrieval_note = retrieval_gain(model, ctx.manifest_path, ctx.sp,
+                                                   max_windows=config.retrieval.max_windows,
+                                                   batch_size=config.batch_size, seed=config.retrieval.seed)
+        timings["retrieval_s"] = time.perf_counter() - t0
     del model
 
     metrics = current.heldout.metrics()
@@ -329,7 +341,7 @@ def evaluate_checkpoint(
         checkpoint=str(checkpoint_dir), digest=digest, step=step, dataset_version=ctx.dataset_version,
         dataset_manifest=str(ctx.manifest_path), is_final=manifest.get("meta", {}).get("reason") == "final",
         metrics=metrics, domain_metrics=current.heldout.domain_metrics(), suite_scores=suite_scores, parity=parity,
-        gates=gates, verdict=verdict, error=error, references=references, timings=timings,
+        retrieval=retrieval, retrieval_note=retrieval_note, gates=gates, verdict=verdict, error=error, references=references, timings=timings,
     )
     out = Path(out_dir) / RESULTS_FILE
     report.results_path = str(out)
@@ -425,6 +437,7 @@ def evaluation_completed(
         error=report.error,
         evaluator=evaluator,
         is_final=report.is_final if is_final is None else is_final,
+        retrieval=report.retrieval,
     )
 
 
@@ -440,6 +453,12 @@ def format_report(report: EvalReport) -> str:
     for name, d in sorted(report.domain_metrics.items()):
         lines.append(f"    {name:<12} loss {d['loss']:.4f}  ppl {d['ppl']:.3f}  bpb {d['bits_per_byte']:.4f}  "
                      f"docs {int(d['documents'])}")
+    if report.retrieval:
+        from .retrieval_gain import format_retrieval
+
+        lines.append(f"  {format_retrieval(report.retrieval)}")
+    elif report.retrieval_note:
+        lines.append(f"  retrieval gain {report.retrieval_note}")
     for name, s in sorted(report.suite_scores.items()):
         lines.append(f"  suite {name:<24} {s:.3f}")
     for name, p in sorted(report.parity.items()):
