@@ -25,6 +25,7 @@ import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -104,6 +105,10 @@ class S3Options:
     access_key_id: str | None = None
     secret_access_key: str | None = None
     region: str = "us-east-1"
+    # A server restart mid-run must not fail a publish or a download: requests are retried with
+    # backoff (0.5 s doubling to 5 s, jittered) for this long. (obstore's default, 10 quick
+    # retries, gives up within ~2 s of a refused connection.)
+    retry_timeout_s: float = 240.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> S3Options:
@@ -201,7 +206,15 @@ class S3Backend:
                 except ImportError as exc:  # pragma: no cover - depends on the install
                     raise S3Error("an s3:// artifact store needs obstore: pip install 'helox[s3]'") from exc
                 o = self.options
-                kwargs: dict[str, Any] = {"region": o.region}
+                kwargs: dict[str, Any] = {
+                    "region": o.region,
+                    "retry_config": {
+                        "max_retries": max(10, int(o.retry_timeout_s / 2.5)),
+                        "backoff": {"init_backoff": timedelta(seconds=0.5), "max_backoff": timedelta(seconds=5),
+                                    "base": 2},
+                        "retry_timeout": timedelta(seconds=o.retry_timeout_s),
+                    },
+                }
                 if self.location.prefix:
                     kwargs["prefix"] = self.location.prefix
                 if o.endpoint_url:

@@ -351,3 +351,34 @@ def test_server_restart_loses_nothing(tmp_path: Path, prefix: str, opts: S3Optio
     assert reader.read_verified(blob) == writer.resolve(blob.uri).read_bytes()
     after = writer.ref(writer.atomic_write_bytes(writer.path("runs", "r1", "after.bin"), b"after the restart"))
     assert reader.read_verified(after) == b"after the restart"
+
+
+def test_publish_during_a_server_outage_completes_after_the_restart(tmp_path: Path, prefix: str, opts: S3Options,
+                                                                     weed: Weed) -> None:
+    """The server goes down mid-run: a checkpoint published meanwhile is retried (the client's
+    backoff) and lands complete once the server is back; nothing published before is lost."""
+    import threading
+
+    writer = store_at(tmp_path, "trainer", prefix, opts)
+    first = writer.ref(_tiny_checkpoint(writer.path("runs", "r1", "a")))
+    manifest = _tiny_checkpoint(writer.path("runs", "r1", "b"))
+    weed.stop()
+    result: dict[str, object] = {}
+
+    def publish() -> None:
+        try:
+            result["ref"] = writer.ref(manifest)
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+
+    t = threading.Thread(target=publish)
+    t.start()
+    time.sleep(3)
+    assert t.is_alive(), f"the publish gave up while the server was down: {result}"
+    weed.start()
+    t.join(timeout=180)
+    assert not t.is_alive() and "error" not in result, result
+    reader = store_at(tmp_path, "evaluator", prefix, opts)
+    for ref in (first, result["ref"]):
+        assert isinstance(ref, ArtifactRef)
+        assert reader.open_verified(ref).parent.is_dir()
