@@ -418,13 +418,26 @@ def _evaluations_table(view: RunView) -> str:
     if not view.evaluations:
         return "<p>No evaluations.</p>"
     rows = []
+    rag = any(e.retrieval for _, e in view.evaluations)
     for _at, e in sorted(view.evaluations, key=lambda p: p[1].step):
         headline = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(e.metrics.items()))
         gates = "; ".join(f'{"pass" if g.passed else "FAIL"} {g.name}' + (f" ({g.detail})" if g.detail else "")
                           for g in e.gates)
         rows.append([str(e.step), f'<span class="verdict-{escape(e.verdict)}">{escape(e.verdict)}</span>',
-                     escape(headline), escape(gates or "no gates"), escape(e.checkpoint_digest[:12])])
-    return _table(["step", "verdict", "metrics", "regression gates", "checkpoint"], rows, "evaluations")
+                     escape(headline), *([escape(_retrieval_cell(e.retrieval))] if rag else []),
+                     escape(gates or "no gates"), escape(e.checkpoint_digest[:12])])
+    # The retrieval-gain column only for a run trained with retrieved context (some evaluation has it).
+    return _table(["step", "verdict", "metrics", *(["retrieval gain (nats/token)"] if rag else []),
+                   "regression gates", "checkpoint"], rows, "evaluations")
+
+
+def _retrieval_cell(r: dict[str, float] | None) -> str:
+    """Retrieval gain vs the random-context control (runs trained with retrieved context)."""
+    if not r:
+        return "-"
+    return (f"{fmt(r['gain'])} vs control {fmt(r['control_gain'])} (bits/byte {fmt(r['gain_bpb'])} vs "
+            f"{fmt(r['control_gain_bpb'])}; loss without {fmt(r['loss_without'])}, with {fmt(r['loss_with'])}, "
+            f"random {fmt(r['loss_random'])})")
 
 
 def _exports_table(view: RunView) -> str:

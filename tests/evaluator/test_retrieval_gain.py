@@ -194,3 +194,21 @@ def test_evaluate_checkpoint_puts_the_gain_in_the_report_and_in_evaluation_compl
     off = evaluate_checkpoint(info.path, facts_dataset, cfg.model_copy(update={"retrieval": cfg.retrieval.model_copy(
         update={"enabled": False})}), out_dir=tmp_path / "off")
     assert off.retrieval is None and "disabled" not in (off.retrieval_note or "") and "false" in off.retrieval_note
+
+
+def test_the_html_report_shows_the_gain_and_the_control():
+    from datetime import UTC, datetime
+
+    from contracts import ArtifactRef, EvaluationCompleted
+    from helox.report import RunView, _evaluations_table
+
+    ref = ArtifactRef(uri="file:///x/manifest.json", sha256="a" * 64, size_bytes=1)
+    figures = summarize(np.array([2.0, 2.0]), np.array([1.0, 0.5]), np.array([2.0, 1.5]), n_bytes=4)
+    view = RunView("run-1", evaluations=[
+        (datetime.now(UTC), EvaluationCompleted(checkpoint=ref, checkpoint_digest="a" * 64, step=5, verdict="pass",
+                                                gates_passed=True, retrieval=figures)),
+        (datetime.now(UTC), EvaluationCompleted(checkpoint=ref, checkpoint_digest="b" * 64, step=9, verdict="pass",
+                                                gates_passed=True))])
+    html = _evaluations_table(view)
+    assert "retrieval gain (nats/token)" in html
+    assert "1.25 vs control 0.25" in html and "<td>-</td>" in html
