@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from contracts import RetrievalQuery
-from services.data_prep.packing import Layout, pack_record
+from shared.retrieval.packing import Layout, pack_record
 from services.data_prep.pipeline import PrepareResult, prepare_dataset
 from services.data_prep.tokenizer import load_tokenizer
 from shared.artifacts import ArtifactStore

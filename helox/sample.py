@@ -290,7 +290,7 @@ def rag_prompt_ids(sp: spm.SentencePieceProcessor, template: dict[str, Any], ind
     retrieves (rank order, k of the template), within the template's context budget. Returns
     (ids, chunks used)."""
     from contracts import RetrievalQuery
-    from services.data_prep.packing import Layout, pack_record
+    from shared.retrieval.packing import Layout, pack_record
     from shared.data.manifest import MASK_PAD
     from shared.retrieval import LocalIndex, LocalIndexError
 

@@ -2,7 +2,7 @@
 
 After the tokenize stage has written the flat shards, for each split and domain:
 
-1. the stream is cut into base windows (services.data_prep.packing.base_windows); each
+1. the stream is cut into base windows (shared.retrieval.packing.base_windows); each
    window's query is the first rag.query_chars characters of its decoded text;
 2. the retriever chosen at discovery (`choose_retriever`: Cyrex over Synapse, or the local
    BM25 index built here from the training documents) answers the queries in batches; what
@@ -35,7 +35,7 @@ import sentencepiece as spm
 
 from contracts import RetrievalFallback, RetrievalQuery, RetrievedChunk, RetrieverHeartbeat
 from services.data_prep.ingest import Document
-from services.data_prep.packing import KIND_NAMES, Layout, PackedShardWriter, base_windows, pack_record
+from shared.retrieval.packing import KIND_NAMES, Layout, PackedShardWriter, base_windows, pack_record
 from services.data_prep.sharding import is_validation
 from services.data_prep.tokenizer import EOS_ID, PAD_ID, user_defined_ids
 from shared.artifacts import atomic_write_bytes, sha256_bytes

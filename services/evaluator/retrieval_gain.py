@@ -8,7 +8,7 @@ For a run trained on a RAG-packed dataset (its manifest has `rag`), on validatio
 * with: the chunks the dataset's own local index (``rag_index/``, loaded verified by its digest in
   the manifest; built from the TRAIN split only) retrieves for the window's query (the first
   ``rag.query_chars`` characters of its base text, as data prep asks), packed in front with the
-  training layout (services.data_prep.packing.pack_record: the same budget, markers and cut);
+  training layout (shared.retrieval.packing.pack_record: the same budget, markers and cut);
 * random (the control): chunks of the training index drawn at random, cut or joined to exactly the
   token lengths the retrieved chunks took, packed the same way, so both contexts are equally long.
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from contracts import RetrievalQuery
-from services.data_prep.packing import Layout, pack_record
+from shared.retrieval.packing import Layout, pack_record
 from shared.data.config import RagConfig
 from shared.data.manifest import MASK_BASE, Manifest, load_manifest
 from shared.retrieval import LocalIndex
