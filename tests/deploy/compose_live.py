@@ -46,9 +46,9 @@ FILES = ("-f", str(REPO / "docker-compose.yml"), "-f", str(REPO / "deploy" / "co
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 PREFIX = "helox."
 
-BUILD_TIMEOUT_S = 1500
+BUILD_TIMEOUT_S = 900
 HEALTHY_TIMEOUT_S = 300
-RUN_TIMEOUT_S = 1200
+RUN_TIMEOUT_S = 960  # the run config's own timeout_s (900) ends `helox run` first
 CYREX_TIMEOUT_S = 180
 
 
