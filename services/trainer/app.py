@@ -10,6 +10,10 @@
 - SIGTERM: the job checkpoints and stops, and its DatasetReady entry is handed back
   (Requeue); the restarted instance, or another one, resumes from the last checkpoint.
 - A finished run is marked done (idempotency by run id), so a redelivery does not train again.
+- `train.distributed.nproc > 1`: the job runs on N local processes (torchrun, `job_worker`);
+  rank 0 emits the job's events through its own outbox, alerts/commands/stops reach it through
+  a Redis list, and the service maps rank 0's result file onto the same outcomes; a rank that
+  died ends in a Requeue and a resume from the last checkpoint (docs/distributed.md).
 - The run's config comes from the `run_config` reference DatasetReady carries (verified by
   digest); TrainingStarted, CheckpointSaved and TrainingCompleted carry it on to the health
   monitor, the evaluator and the exporter.
@@ -18,27 +22,27 @@
 from __future__ import annotations
 
 import asyncio
-import math
+import os
+import signal
+import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import redis
 from pydantic import ValidationError
 
 from contracts import (
-    CheckpointSaved,
     DatasetReady,
     Envelope,
     HealthAlert,
     RunCancelled,
     RunFailed,
-    TrainerAction,
     TrainerCommand,
     TrainingCompleted,
-    TrainingMetrics,
-    TrainingStarted,
 )
-from shared.artifacts import ArtifactDigestError, ArtifactStore
+from shared.artifacts import ArtifactDigestError
 from shared.bus import Delivery, Outbox, Requeue
 from shared.cancellation import honour_cancellations, is_cancelled
 from shared.checkpoint import CheckpointError
@@ -48,83 +52,48 @@ from shared.logging import get_logger
 from shared.runs import RunConfigError, read_run_config, section, stages
 from shared.service import ServiceRuntime
 
-from .control import Action, Alert, Command
-from .hooks import Callback
+from .config import TrainConfig
+from .control import Alert, Command
+from .emitter import BusEmitter
 from .job import build_trainer, train_config
-from .loop import Trainer, TrainingError, TrainingResult
+from .job_worker import JobSpec, OutboxSpec, inbox_message, read_result, result_from_json
+from .loop import TrainingError, TrainingResult
 
 log = get_logger("helox.trainer")
 
 
-class BusEmitter(Callback):
-    """Turns the loop's named events into contract events, through the outbox (never blocks).
+class JobControl(Protocol):
+    """What the service does to a running job: a Trainer in this process, or rank 0 of a launched one."""
 
-    An observer: an event it cannot build is logged and counted (TrainingCompleted's
-    `observer_failures`), not a failed run."""
+    def submit(self, item: Alert | Command) -> None: ...
 
-    observer = True
-
-    def __init__(self, outbox: Outbox, store: ArtifactStore, run_id: str, cause: Envelope[Any], meta: dict[str, Any]):
-        self.outbox, self.store, self.run_id, self.meta = outbox, store, run_id, meta
-        self.causation_id = cause.event_id
-        self.correlation_id = cause.correlation_id or cause.event_id
-        self.last_checkpoint: CheckpointSaved | None = None
-
-    def _emit(self, payload: Any) -> None:
-        self.outbox.publish(payload, run_id=self.run_id, causation_id=self.causation_id,
-                            correlation_id=self.correlation_id)
-
-    def on_train_start(self, trainer: Trainer, resumed_from: int | None) -> None:
-        self._emit(TrainingStarted(
-            dataset_version=self.meta["dataset_version"], model_preset=self.meta["preset"],
-            n_params=sum(p.numel() for p in trainer.raw_model.parameters()), total_steps=trainer.config.max_steps,
-            world_size=trainer.ctx.world_size, device=str(trainer.device), precision=trainer.precision.mode,
-            resumed_from_step=resumed_from, instance=self.meta["instance"], run_config=self.meta["run_config"],
-        ))
-
-    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        fields = {k: v for k, v in metrics.items() if k in TrainingMetrics.model_fields and v is not None}
-        fields.setdefault("tokens_seen", trainer.state.tokens)
-        fields["data_cursor"] = trainer.data.cursor
-        self._emit(TrainingMetrics.model_validate(fields))
-
-    def on_checkpoint(self, trainer: Trainer, info: Any, reason: str) -> None:
-        # Fired once the files are durable (the background writer finished and fsynced).
-        train_loss = info.meta.get("train_loss")
-        try:
-            ref = self.store.ref(info.manifest)
-        except FileNotFoundError:
-            # Already pruned (keep_last) by a later write before the loop polled this one:
-            # nothing left to announce or evaluate.
-            log.info("checkpoint pruned before it was announced", step=info.step)
-            return
-        event = CheckpointSaved(
-            step=info.step, tokens_seen=int(info.meta.get("tokens", 0)), checkpoint=ref,
-            digest=info.digest, dataset_version=self.meta["dataset_version"],
-            train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
-            val_loss=info.meta.get("val_loss"), reason=reason if reason in _REASONS else "interval",
-            # The last step's checkpoint is the final one even when an interval wrote it.
-            is_final=reason == "final" or info.step >= trainer.config.max_steps,
-            run_config=self.meta["run_config"],
-        )
-        self.last_checkpoint = event
-        self._emit(event)
-
-    def on_action(self, trainer: Trainer, action: Action) -> None:
-        details = {k: v for k, v in action.params.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        self._emit(TrainerAction(
-            action=action.kind.value, reason=action.reason, step=trainer.state.step,
-            alert_event_id=action.alert_event_id, command_event_id=action.command_event_id, details=details,
-        ))
-
-
-_REASONS = {"interval", "final", "signal", "command", "rollback-point"}
+    def request_stop(self, reason: str = "signal", *, kind: str = "signal") -> None: ...
 
 
 @dataclass
 class Job:
     run_id: str
-    trainer: Trainer
+    trainer: JobControl
+
+
+class LaunchedJob:
+    """A job on N local processes (torchrun): alerts, commands and stops go to rank 0's inbox list."""
+
+    def __init__(self, client: Any, key: str) -> None:
+        self.client, self.key = client, key
+
+    def _push(self, message: str) -> None:
+        # Called from the event loop (handlers) and from the stop hook: a plain redis-py call, short.
+        self.client.rpush(self.key, message)
+
+    def submit(self, item: Alert | Command) -> None:
+        self._push(inbox_message(item))
+
+    def request_stop(self, reason: str = "signal", *, kind: str = "signal") -> None:
+        try:
+            self._push(inbox_message((reason, kind)))
+        except redis.RedisError as exc:  # the service still stops: its grace period then kills the group
+            log.error("could not ask the launched job to stop", error=str(exc), reason=reason)
 
 
 class TrainerService:
@@ -196,7 +165,11 @@ class TrainerService:
         meta = {"dataset_version": ev.dataset_version, "instance": rt.instance,
                 "preset": cfg.model if isinstance(cfg.model, str) else "custom", "run_config": ev.run_config}
         assert self.outbox is not None
-        emitter = BusEmitter(self.outbox, rt.store, run_id, env, meta)
+        emitter = BusEmitter(self.outbox, rt.store, run_id, meta, causation_id=env.event_id,
+                             correlation_id=env.correlation_id or env.event_id)
+        if cfg.distributed.nproc > 1:
+            await self._launch(env, delivery, cfg, manifest_path, out_dir, resume, emitter)
+            return
         try:
             trainer = await asyncio.to_thread(build_trainer, cfg, manifest_path, out_dir, run_id=run_id,
                                               callbacks=[emitter])
@@ -235,6 +208,93 @@ class TrainerService:
             self.job = None
             rt.current_work = None
         await self._finish(env, result, emitter, delivery, dict(trainer.hooks.observer_failures))
+
+    async def _launch(self, env: Envelope[DatasetReady], delivery: Delivery, cfg: TrainConfig, manifest_path: Path,
+                      out_dir: Path, resume: str | None, emitter: BusEmitter) -> None:
+        """The job on `train.distributed.nproc` local processes (torchrun); rank 0 emits its events.
+
+        The outcome comes from rank 0's result file, not torchrun's exit status (torchrun exits
+        non-zero after forwarding a signal even when the ranks stopped cleanly): finished -> as a
+        one-process job (TrainingCompleted, Requeue after SIGTERM, cancelled, halted); failed (an
+        error a relaunch would meet again) -> RunFailed; a rank that died or no result at all ->
+        Requeue, so that a redelivery resumes from the last checkpoint, until max_deliveries.
+        """
+        rt, s, run_id = self.rt, self.rt.settings, env.run_id or ""
+        assert s.redis_url
+        launch_id = uuid.uuid4().hex[:8]
+        work = Path(s.state_dir) / "jobs" / f"{run_id}-{launch_id}"
+        work.mkdir(parents=True, exist_ok=True)
+        inbox_key = f"{rt.bus.prefix}trainer:inbox:{run_id}:{launch_id}"
+        run_config = emitter.meta["run_config"]
+        spec = JobSpec(
+            train=cfg.model_dump(mode="json"), manifest_path=str(manifest_path), out_dir=str(out_dir), run_id=run_id,
+            resume=resume, work_dir=str(work), artifacts=str(rt.store.root),
+            outbox=OutboxSpec(redis_url=s.redis_url, prefix=rt.bus.prefix, producer=rt.bus.producer,
+                              spill_dir=str(Path(s.state_dir) / "outbox" / f"{rt.instance}-job")),
+            inbox_key=inbox_key, causation_id=emitter.causation_id, correlation_id=emitter.correlation_id,
+            meta={**emitter.meta, "run_config": run_config.model_dump(mode="json") if run_config else None},
+            parent_pid=os.getpid(), log_format=s.log_format,
+        )
+        spec_path = work / "spec.json"
+        spec_path.write_text(spec.model_dump_json())
+        client = redis.Redis.from_url(s.redis_url, socket_timeout=2.0)
+        control = LaunchedJob(client, inbox_key)
+        with open(work / "torchrun.log", "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *launch_command(cfg.distributed.nproc, spec_path), stdout=out, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True, env=_child_env())  # its own group: the service signals it deliberately
+        log.info("training job launched", run_id=run_id, nproc=cfg.distributed.nproc, pid=proc.pid, work_dir=str(work))
+        self.job = Job(run_id, control)
+        rt.current_work = f"training {run_id} on {cfg.distributed.nproc} ranks"
+        if rt.stopping.is_set():
+            control.request_stop("SIGTERM: stopping before start", kind="signal")
+        elif await is_cancelled(rt, run_id):
+            self.cancelled[run_id] = "cancelled by an operator"
+            control.request_stop("cancelled before the first step", kind="command")
+        try:
+            rc = await self._wait_group(proc)
+        finally:
+            self.job = None
+            rt.current_work = None
+            await asyncio.to_thread(_quietly, client.delete, inbox_key)
+            client.close()
+        body = read_result(work)
+        log.info("training job exited", run_id=run_id, returncode=rc, outcome=body and body["outcome"])
+        if body is None or body["outcome"] == "crashed":
+            what = (f"{body['error_type']}: {body['message']}" if body
+                    else f"torchrun exited with {rc} before rank 0 wrote a result (a rank died)")
+            if run_id in self.cancelled or delivery.delivery_count >= s.max_deliveries:
+                why = self.cancelled.pop(run_id, None)
+                await self._fail(env, f"cancelled: {why}" if why else f"training failed on a rank: {what}",
+                                 "Cancelled" if why else "RankFailure")
+                await rt.idempotency.commit(f"run:{run_id}", "cancelled" if why else "failed")
+                return
+            raise Requeue(f"run {run_id}: {what}; a redelivery resumes from the last checkpoint")
+        if body["outcome"] == "failed":
+            await self._fail(env, f"training failed: {body['message']}", body["error_type"])
+            await rt.idempotency.commit(f"run:{run_id}", "failed")
+            return
+        await self._finish(env, result_from_json(body["result"]), emitter, delivery, body["observer_failures"])
+
+    async def _wait_group(self, proc: asyncio.subprocess.Process) -> int:
+        """torchrun's exit status. Once the service stops, the job has STOP_GRACE_S to checkpoint and
+        exit; then its process group is killed (and a cancelled handler kills it at once)."""
+        stop_seen: float | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(proc.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                if self.rt.stopping.is_set():
+                    stop_seen = stop_seen or loop.time()
+                    if loop.time() - stop_seen > STOP_GRACE_S:
+                        log.error("training job did not stop in time; killing its process group", pid=proc.pid)
+                        _kill_group(proc.pid)
+        except asyncio.CancelledError:
+            _kill_group(proc.pid)
+            raise
 
     async def _finish(self, env: Envelope[DatasetReady], result: TrainingResult, emitter: BusEmitter,
                       delivery: Delivery, observer_failures: dict[str, int]) -> None:
@@ -301,6 +361,37 @@ class TrainerService:
         if job is None or env.run_id != job.run_id:
             return
         job.trainer.submit(Command(command=c.command, value=c.value, reason=c.reason, event_id=str(env.event_id)))
+
+
+STOP_GRACE_S = 120.0
+"""How long a launched job may take to checkpoint and exit once the service stops."""
+
+
+def launch_command(nproc: int, spec_path: Path) -> list[str]:
+    """torchrun on this machine: a standalone rendezvous, no restarts (the service resumes a
+    failed group from its last checkpoint), a dead rank noticed within half a second."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "--max-restarts=0", "--monitor-interval=0.5", "-m", "services.trainer.job_worker", str(spec_path)]
+
+
+def _child_env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[2])  # the ranks import services.* whatever the cwd
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except redis.RedisError as exc:
+        log.warning("could not delete a job's inbox", error=str(exc))
 
 
 def setup(rt: ServiceRuntime) -> None:

@@ -10,7 +10,22 @@ from shared.config import StrictModel
 from shared.model import PRESETS, ModelConfig, model_preset
 
 
+class MuonConfig(StrictModel):
+    """Muon's own settings (`optim.name: muon`): it updates the 2-D hidden matrices only."""
+
+    lr: float = Field(default=0.02, gt=0, description="Muon's peak LR; the schedule scales it as it scales optim.lr.")
+    momentum: float = Field(default=0.95, ge=0, lt=1)
+    nesterov: bool = True
+    ns_steps: int = Field(default=5, ge=1, description="Newton-Schulz iterations of the orthogonalisation.")
+    weight_decay: float | None = Field(default=None, ge=0, description="Decoupled decay; None: optim.weight_decay.")
+    adjust_lr_fn: Literal["original", "match_rms_adamw"] = Field(
+        default="original", description="original: lr x sqrt(max(1, rows/cols)); match_rms_adamw: 0.2 x sqrt(max).")
+
+
 class OptimConfig(StrictModel):
+    name: Literal["adamw", "muon"] = Field(
+        default="adamw", description="muon: Muon for the 2-D hidden matrices, AdamW (optim.lr) for embeddings, "
+        "head and norms (modded-nanogpt, nanochat).")
     lr: float = Field(default=3e-4, gt=0, description="Peak learning rate (at batch.global_batch_size).")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     warmup_steps: int = Field(default=100, ge=0, description="Linear warmup steps.")
@@ -20,6 +35,7 @@ class OptimConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
     fused: bool | None = Field(default=None, description="Fused AdamW; None: where the device supports it.")
+    muon: MuonConfig = Field(default_factory=MuonConfig)
 
 
 class BatchConfig(StrictModel):
@@ -141,6 +157,16 @@ class DistributedConfig(StrictModel):
     zero: bool = Field(default=False, description="ZeroRedundancyOptimizer on the DDP path.")
     cpu_offload: bool = Field(default=False, description="FSDP2 CPUOffloadPolicy.")
     backend: str | None = Field(default=None, description="nccl on GPU, gloo on CPU by default.")
+    nproc: int = Field(
+        default=1, ge=1, le=64,
+        description="Local processes the trainer service launches the job on (torchrun, rank 0 talks to the bus); "
+        "1: in the service's own process. Ignored when already launched by torchrun.",
+    )
+    timeout_s: float = Field(
+        default=1800.0, gt=0,
+        description="Collective timeout of the process group: how long a rank waits for a peer that stopped "
+        "answering before it fails (a dead peer fails at once).",
+    )
 
 
 class ControlConfig(StrictModel):
@@ -203,6 +229,9 @@ class TrainConfig(StrictModel):
         start = self.curriculum.seq_len_start
         if start is not None and start > self.batch.seq_len:
             raise ValueError(f"curriculum.seq_len_start ({start}) exceeds batch.seq_len ({self.batch.seq_len})")
+        if self.optim.name == "muon" and (self.distributed.zero or self.distributed.strategy == "fsdp"):
+            # ZeRO and FSDP2 shard what Muon orthogonalises whole; the DDP path keeps matrices whole.
+            raise ValueError("optim.name 'muon' runs on one process or DDP, not with distributed.zero or fsdp")
         if isinstance(self.batch.micro_batch_size, int) and self.batch.micro_batch_size <= 0:
             raise ValueError("batch.micro_batch_size must be a positive integer or 'auto'")
         return self

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .config import DistributedConfig, OptimConfig
-from .optim import optimizer_kwargs, param_groups
+from .config import DistributedConfig
+from .optim import optimizers_of
 
 
 class DistributedConfigError(ValueError):
@@ -105,7 +105,7 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto") -> DistContex
         backend = cfg.backend or ("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
         owns = True
     return DistContext(rank, world, local_rank, dev, strategy, cfg.zero and strategy == "ddp", owns)
 
@@ -141,21 +141,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, ctx: DistContext) -> torch.optim.Optimizer:
-    """AdamW over `model`'s parameters (decay groups); ZeroRedundancyOptimizer-sharded on DDP+zero."""
-    raw = unwrap(model)
-    groups = param_groups(raw, cfg.weight_decay)
-    kw = optimizer_kwargs(cfg, ctx.device)
-    if ctx.zero:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                      weight_decay=groups[0]["weight_decay"], **kw)
-        opt.add_param_group(groups[1])
-        return opt
-    return torch.optim.AdamW(groups, **kw)
-
-
 def _param_names_in_group_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     names = {id(p): n for n, p in unwrap(model).named_parameters()}
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -189,7 +174,8 @@ def get_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Dist
         msd = unwrap(model).state_dict()
         return msd, osd
     offload = ctx.strategy == "fsdp"  # gather shards to rank 0's CPU; elsewhere tensors are already whole
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+    return get_state_dict(model, optimizers_of(optimizer),
+                          options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
 
 
 def set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
@@ -199,5 +185,5 @@ def set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sta
         unwrap(model).load_state_dict(model_state, strict=True)
         optimizer.load_state_dict(_fqn_to_id(optim_state, _param_names_in_group_order(model, optimizer)))
         return
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+    set_state_dict(model, optimizers_of(optimizer), model_state_dict=model_state, optim_state_dict=optim_state,
                    options=StateDictOptions(full_state_dict=True, strict=True))

@@ -37,14 +37,14 @@ from .control import Action, ActionKind, Alert, Command, ControlPolicy
 from .controller import Controller, Ledger, Status
 from .curriculum import Curriculum, StepPlan
 from .data import BatchSource
-from .distributed import DistContext, build_optimizer, init_distributed, wrap_model
+from .distributed import DistContext, init_distributed, wrap_model
 from .evaluation import Evaluator
 from .faults import FaultInjector
 from .hooks import Callback, Event, Hooks
 from .lr import LRFactors, LRPolicy
 from .metrics import StructlogEmitter, Throughput, WandbEmitter, device_peak_flops, finite_or_none, mfu
 from .mixing import OnlineDomainMixer
-from .optim import LRSchedule, set_lr
+from .optim import LRSchedule, build_optimizer, set_lr
 from .precision import Precision, resolve_precision
 from .probes import ProbeRunner, default_probes
 from .stability import GradNorms, StabilityGuard, StepVerdict
@@ -142,7 +142,7 @@ class Trainer:
                 block.compile()
         self.raw_model: Llama = raw
         self.model: nn.Module = wrap_model(raw, self.ctx, config.distributed)
-        self.optimizer = build_optimizer(self.model, config.optim, self.ctx)
+        self.optimizer = build_optimizer(raw, config.optim, self.ctx.device, zero=self.ctx.zero)
 
         self.curriculum = Curriculum(config.batch, config.curriculum, world_size=self.ctx.world_size,
                                      micro_batch=self._micro_batch_size())
@@ -178,6 +178,9 @@ class Trainer:
         self.throughput = Throughput()
         self._interval: list[StepResult] = []
         self._rag: torch.Tensor | None = None  # RAG-packed data, last step: base loss sum, base labels, retrieved, all
+        self._drawn_tokens = 0  # the last step's tokens, summed over ranks
+        self._sample_ranges: list[tuple[int, int]] = []  # the last step's global samples [start, end) on this rank
+        self._advanced = 0  # how far the last step moved the global cursor (reads only, not skips)
         self._applied_plan: tuple[int, int] | None = None
         self._last_batch: dict[str, torch.Tensor] = {}
         self._resumed_from: int | None = None
@@ -284,7 +287,7 @@ class Trainer:
             # Per-sequence units: B_small = one micro-batch on one rank, B_big = the global batch.
             self.noise.update(g_small_sq, plan.micro_batch, verdict.grad_norm ** 2, plan.global_batch)
         domain_loss = self._domain_loss(stats)
-        tokens = plan.global_batch * plan.seq_len
+        tokens = self._drawn_tokens  # read from the data, all ranks: a duplicated slice would show here
         self.state.step = step
         self.state.tokens += tokens
         self.state.last_loss = loss_value
@@ -328,9 +331,15 @@ class Trainer:
         """The step's micro-batches, past any data window the ledger skips."""
         c0 = self.data.cursor
         batches = []
+        self._sample_ranges, self._advanced = [], 0
         for _ in range(n):
             self.ledger.skip(self.data)
+            first = self.data.cursor
             batch = next(self.data)
+            rows = int(batch["input_ids"].shape[0])
+            # The BatchSource contract: rank r takes samples [cursor + r*B, cursor + (r+1)*B).
+            self._sample_ranges.append((first + self.ctx.rank * rows, first + (self.ctx.rank + 1) * rows))
+            self._advanced += self.data.cursor - first
             self.hooks.fire(Event.BATCH, self, batch=batch, step=step)
             batches.append(batch)
         self.controller.note_window(step, c0, self.data.cursor)
@@ -344,7 +353,14 @@ class Trainer:
         """Gradients of the step's loss; returns (loss/domain stats, tokens counted, |g_small|^2 or None)."""
         masks = [b["loss_mask"].float() if "loss_mask" in b else torch.ones(b["labels"].shape) for b in batches]
         n_local = sum(float(m.sum()) for m in masks)
-        n_tok = float(self.ctx.all_reduce_sum(torch.tensor([n_local], dtype=torch.float64, device=self.device)).item())
+        drawn, rows = sum(b["input_ids"].numel() for b in batches), sum(b["input_ids"].shape[0] for b in batches)
+        counts = self.ctx.all_reduce_sum(torch.tensor([n_local, drawn, rows], dtype=torch.float64, device=self.device))
+        n_tok, self._drawn_tokens = float(counts[0]), int(counts[1])
+        if self.ctx.world_size > 1 and int(counts[2]) != self._advanced:
+            raise TrainingError(
+                f"step {step}: the ranks read {int(counts[2])} samples but the data cursor moved {self._advanced}: "
+                "they read overlapping samples; build the data source with this rank and world size "
+                "(services.trainer.job.build_trainer does)")
         if n_tok == 0:
             raise TrainingError(f"step {step}: every token of the batch is masked out (loss_mask all zero); check the data")
         K = len(self.data.domains)
@@ -481,6 +497,9 @@ class Trainer:
     def _log(self, step: int) -> None:
         rate = self.throughput.rate()
         interval, self._interval = self._interval, []
+        ranges = self.ctx.all_gather_objects(self._sample_ranges)  # collective: every rank logs at the same steps
+        if self.ctx.world_size > 1:
+            log.info("trainer.rank_samples", step=step, rank=self.ctx.rank, samples=self._sample_ranges)
         if not self.ctx.is_main or not interval:
             return
         r = interval[-1]
@@ -510,6 +529,7 @@ class Trainer:
             "val_loss": self.state.last_val_loss if self.state.last_val_step is not None
             and self.state.last_val_step > step - self.config.log.every else None,
             "data_cursor": self.data.cursor,
+            "sample_ranges": [[list(r) for r in rank] for rank in ranges],  # per rank: the last step's [start, end)
         }
         if self._rag is not None:
             base_sum, n_base, n_ctx, n_all = self._rag.tolist()

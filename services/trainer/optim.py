@@ -1,13 +1,24 @@
-"""AdamW (fused where the device has a kernel) and the warmup + cosine learning-rate schedule."""
+"""The optimizer (AdamW, or Muon + AdamW) and the warmup + cosine learning-rate schedule.
+
+`build_optimizer` is the one place an optimizer is made: AdamW (fused where the device has a
+kernel; ZeroRedundancyOptimizer-sharded on DDP + zero), or, with `optim.name: muon`, Muon for
+the 2-D hidden matrices and AdamW for embeddings, head and norms (as modded-nanogpt and
+nanochat do), stepped together as `MuonWithAdamW`.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .config import OptimConfig
+
+LR_RATIO = "lr_ratio"
+"""Param-group key: the group's LR over the schedule's (Muon's lr / optim.lr); 1 when absent."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -37,8 +48,140 @@ def optimizer_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
     return kw
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **optimizer_kwargs(cfg, device))
+def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden matrices for Muon, everything else for AdamW), each in named_parameters order.
+
+    Embedding tables and the output head are 2-D but are not hidden transforms: AdamW takes
+    them, with the 1-D gains (a tied head is the embedding, once).
+    """
+    outer: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            outer.add(id(module.weight))
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        outer.add(id(head.weight))
+    hidden, rest = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (hidden if p.dim() == 2 and id(p) not in outer else rest).append(p)
+    return hidden, rest
+
+
+class _JoinedState(MutableMapping):
+    """The optimizers' `state` dicts as one mapping (their parameters are disjoint)."""
+
+    def __init__(self, optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
+        self._optimizers = optimizers
+
+    def _owner(self, key: Any) -> dict:
+        for opt in self._optimizers:
+            if key in opt.state:
+                return opt.state
+        raise KeyError(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._owner(key)[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise TypeError("set optimizer state through the optimizer that owns the parameter")
+
+    def __delitem__(self, key: Any) -> None:
+        del self._owner(key)[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        for opt in self._optimizers:
+            yield from opt.state
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._optimizers)
+
+    def clear(self) -> None:
+        for opt in self._optimizers:
+            opt.state.clear()
+
+
+class MuonWithAdamW:
+    """Muon over the hidden matrices and AdamW over the rest, stepped as one optimizer.
+
+    `param_groups` lists AdamW's groups then Muon's (the same dicts: setting an LR on them sets
+    it on the optimizer); `optimizers` are the two, for torch.distributed.checkpoint's
+    get_state_dict / set_state_dict, which merge and split their states by parameter name.
+    """
+
+    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer) -> None:
+        self.adamw, self.muon = adamw, muon
+        self.optimizers = (adamw, muon)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def state(self) -> _JoinedState:
+        return _JoinedState(self.optimizers)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adamw.load_state_dict(state["adamw"])
+        self.muon.load_state_dict(state["muon"])
+
+
+def optimizers_of(optimizer: Any) -> Any:
+    """What torch.distributed.checkpoint takes: the two optimizers of a MuonWithAdamW, else itself."""
+    return optimizer.optimizers if isinstance(optimizer, MuonWithAdamW) else optimizer
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *, zero: bool = False
+                    ) -> torch.optim.Optimizer | MuonWithAdamW:
+    """The run's optimizer over the parameters of `model` (the plain module: not a DDP wrapper).
+
+    AdamW: matrices decayed, gains not; `zero` shards it with ZeroRedundancyOptimizer (DDP).
+    Muon (`cfg.name == "muon"`): `MuonWithAdamW`; its groups carry `lr_ratio` = muon.lr / lr,
+    so that one schedule drives both (`set_lr`).
+    """
+    kw = optimizer_kwargs(cfg, device)
+    if cfg.name == "muon":
+        if zero:
+            raise ValueError("optim.name 'muon' does not run with distributed.zero")
+        hidden, rest = muon_split(model)
+        decay = [p for p in rest if p.dim() >= 2]
+        gains = [p for p in rest if p.dim() < 2]
+        adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": gains, "weight_decay": 0.0}], **kw)
+        m = cfg.muon
+        muon = torch.optim.Muon(
+            hidden, lr=m.lr, momentum=m.momentum, nesterov=m.nesterov, ns_steps=m.ns_steps,
+            weight_decay=cfg.weight_decay if m.weight_decay is None else m.weight_decay, adjust_lr_fn=m.adjust_lr_fn,
+        )
+        for group in muon.param_groups:
+            group[LR_RATIO] = m.lr / cfg.lr
+        return MuonWithAdamW(adamw, muon)
+    groups = param_groups(model, cfg.weight_decay)
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                      weight_decay=groups[0]["weight_decay"], **kw)
+        opt.add_param_group(groups[1])
+        return opt
+    return torch.optim.AdamW(groups, **kw)
 
 
 class LRSchedule:
@@ -68,6 +211,7 @@ class LRSchedule:
         return self.peak * self.factor(step)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer | MuonWithAdamW, lr: float) -> None:
+    """The step's LR on every group, times the group's `lr_ratio` (Muon's scale keeps its ratio)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get(LR_RATIO, 1.0)
