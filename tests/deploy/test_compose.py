@@ -271,11 +271,3 @@ def test_the_redis_port_override_publishes_redis_on_localhost_by_default() -> No
     bind, host_port, container_port = with_defaults(port).split(":")
     assert (bind, host_port, container_port) == ("127.0.0.1", "6379", "6379")
     assert "cyrex" in REDIS_PORT_OVERRIDE.read_text()
-
-
-
-def test_ci_runs_the_deploy_test_after_the_suite() -> None:
-    steps = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
-             if line.strip().startswith("make ")]
-    assert steps[0] == "make test"
-    assert any(step.startswith("make test-deploy") for step in steps[1:])
