@@ -16,6 +16,7 @@ from rich.table import Table
 
 from contracts import (
     TOPICS,
+    CheckpointSaved,
     DataPrepProgress,
     DatasetReady,
     Envelope,
@@ -167,6 +168,7 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig
     console.print(f"run [bold]{run_id}[/bold] requested: stages {', '.join(cfg.stages)}")
     started = time.monotonic()
     seen: dict[str, Envelope[Any]] = {}
+    export_watch = ExportWatch.of(cfg)
     last_metric_print = 0.0
     for _stream, _entry_id, env, _fields in follower:
         elapsed = time.monotonic() - started
@@ -189,7 +191,15 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig
         console.print(f"[dim]{elapsed:6.1f}s[/dim] {env.producer.service:<14} {describe(env)}", highlight=False)
         if isinstance(p, RunFailed):
             _summary(seen, run_id, ok=False)
+            err.print(f"[red]error:[/red] run {run_id} failed in {p.stage} ({p.error_type}): {_one_line(p.reason)}",
+                      soft_wrap=True, highlight=False)
             return 2 if p.stage == "request" else 1  # a refused request is a user error, as a bad config
+        if export_watch is not None and isinstance(p, CheckpointSaved | EvaluationCompleted):
+            why = export_watch.observe(p)
+            if why is not None:  # the exporter will not publish: waiting for ModelReady would hang
+                _summary(seen, run_id, ok=False)
+                err.print(f"[red]error:[/red] run {run_id}: {why}", soft_wrap=True, highlight=False)
+                return 1
         if isinstance(p, RunCancelled):
             _summary(seen, run_id, ok=False)
             return 1
@@ -203,6 +213,92 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig
                     console.print(f"  final checkpoint saved -> model-ready: {lag:.1f}s; whole run: {elapsed:.0f}s")
             return 0
     return 1
+
+
+class ExportWatch:
+    """Whether a ModelReady can still come, for a run that ends at `export` with `export.on:
+    eval_passed` (the exporter publishes only a checkpoint whose evaluation passed every gate).
+
+    - `export.checkpoint: final`: the final checkpoint's evaluation failing a gate (or erring)
+      means no export, ever: the exporter skips it silently.
+    - `export.checkpoint: best`: no export once the final checkpoint has been evaluated and so
+      has every checkpoint saved before it, none of them passing.
+
+    `observe` takes the run's CheckpointSaved and EvaluationCompleted events and returns the
+    one-line reason when no export will come, else None.
+    """
+
+    def __init__(self, checkpoint: str) -> None:
+        self.checkpoint = checkpoint
+        self.saved: set[str] = set()  # digests of the checkpoints saved
+        self.judged: dict[str, EvaluationCompleted] = {}  # digest -> its evaluation
+        self.final: EvaluationCompleted | None = None
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> ExportWatch | None:
+        if cfg.stages[-1] != "export" or cfg.export.get("on", "eval_passed") != "eval_passed":
+            return None
+        return cls(str(cfg.export.get("checkpoint", "final")))
+
+    def observe(self, event: CheckpointSaved | EvaluationCompleted) -> str | None:
+        if isinstance(event, CheckpointSaved):
+            self.saved.add(event.digest)
+            return None
+        self.judged[event.checkpoint_digest] = event
+        if event.is_final:
+            self.final = event
+        final = self.final
+        if final is None or (passed(final) and self.checkpoint == "final"):
+            return None
+        if self.checkpoint == "final":
+            return (f"the final checkpoint (step {final.step}, {final.checkpoint.uri}) {failed_gates(final)}; "
+                    "the exporter publishes only a final checkpoint that passed (export.on: eval_passed), "
+                    "so no model will be exported")
+        if any(passed(e) for e in self.judged.values()) or not self.saved <= set(self.judged):
+            return None  # an export is under way, or an evaluation is still to come
+        return (f"no checkpoint of the run passed evaluation (export.checkpoint: best); the final one (step "
+                f"{final.step}, {final.checkpoint.uri}) {failed_gates(final)}; no model will be exported")
+
+
+def passed(ev: EvaluationCompleted) -> bool:
+    return ev.verdict == "pass" and ev.gates_passed
+
+
+def failed_gates(ev: EvaluationCompleted) -> str:
+    """'failed the evaluator's gate parity (int8_dynamic: ...)', naming each failed gate and its evidence."""
+    if ev.verdict == "error" and not ev.gates:
+        return f"could not be evaluated: {_one_line(ev.error or 'no reason given')}"
+    parts = []
+    for gate in ev.gates:
+        if gate.passed:
+            continue
+        try:
+            detail = json.loads(gate.detail) if gate.detail else {}
+        except json.JSONDecodeError:
+            detail = {"detail": gate.detail}
+        if not isinstance(detail, dict):
+            detail = {"detail": detail}
+        if gate.name == "parity":
+            checks = [f"{name}: {_parity_evidence(ev.parity.get(name, {}))}" for name in detail.get("failed", [])]
+            parts.append(f"parity ({'; '.join(checks) or 'failed'})")
+            continue
+        evidence = ", ".join(f"{k} {v}" for k, v in detail.items() if k != "verdict" and v is not None)
+        parts.append(f"{gate.name} ({evidence})" if evidence else gate.name)
+    if not parts:
+        return f"was judged {ev.verdict}" + (f": {_one_line(ev.error)}" if ev.error else "")
+    return f"failed the evaluator's gate{'s' if len(parts) > 1 else ''} " + ", ".join(parts)
+
+
+def _parity_evidence(check: dict[str, Any]) -> str:
+    if check.get("error"):
+        return str(check["error"])
+    shown = ("top1_agreement", "min_agreement", "ppl_rel_change", "max_ppl_increase", "max_abs_diff", "tol")
+    out = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in check.items() if k in shown]
+    return ", ".join(out) or "failed"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _summary(seen: dict[str, Envelope[Any]], run_id: str, *, ok: bool) -> None:
