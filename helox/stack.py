@@ -26,6 +26,7 @@ from pathlib import Path
 from shared.config import HeloxSettings
 from shared.logging import get_logger
 from shared.redis_server import RedisServer
+from shared.s3store import S3Location, is_s3_root
 
 log = get_logger("helox.stack")
 
@@ -126,7 +127,9 @@ class LocalStack:
         env.update(
             HELOX_REDIS_URL=self.redis_url or "",
             HELOX_INSTANCE=instance,
-            HELOX_ARTIFACTS=str(Path(self.settings.artifacts).resolve()),
+            # s3://bucket/prefix as it is (a Path shows it as s3:/...; resolving it would make it a local path).
+            HELOX_ARTIFACTS=(S3Location.parse(self.settings.artifacts).uri if is_s3_root(self.settings.artifacts)
+                             else str(Path(self.settings.artifacts).resolve())),
             HELOX_STATE_DIR=str(self.state_dir),
             HELOX_TOPIC_PREFIX=self.settings.topic_prefix,
             PYTHONUNBUFFERED="1",
