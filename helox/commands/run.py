@@ -292,7 +292,8 @@ def failed_gates(ev: EvaluationCompleted) -> str:
 def _parity_evidence(check: dict[str, Any]) -> str:
     if check.get("error"):
         return str(check["error"])
-    shown = ("top1_agreement", "min_agreement", "ppl_rel_change", "max_ppl_increase", "max_abs_diff", "tol")
+    shown = ("top1_agreement", "min_agreement", "decided_fraction", "ppl_rel_change", "max_ppl_increase",
+             "max_abs_diff", "tol")
     out = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in check.items() if k in shown]
     return ", ".join(out) or "failed"
 

@@ -53,7 +53,14 @@ class ParityConfig(StrictModel):
     batch_tol: float = Field(default=1e-4, ge=0, description="Max |logit diff|, batch 1 vs right-padded batch.")
     kv_cache_tol: float = Field(default=1e-4, ge=0, description="Max |logit diff|, KV-cache decoding vs full forward.")
     int8: bool = Field(default=True, description="Check int8 dynamic quantisation (nn.Linear).")
-    int8_min_top1_agreement: float = Field(default=0.9, ge=0, le=1, description="Argmax agreement int8 vs fp32.")
+    int8_min_top1_agreement: float = Field(
+        default=0.9, ge=0, le=1,
+        description="Argmax agreement int8 vs fp32, at the positions fp32 decided (see int8_decided_margin).")
+    int8_decided_margin: float = Field(
+        default=0.25, ge=0,
+        description="A position counts for the agreement when fp32's top-1 leads its runner-up by at least this "
+        "many nats of log-probability (0.25: 1.28x as likely); a near-tie's argmax flips under any perturbation, "
+        "so counting those would judge the model's indecision, not the quantisation. 0: every position.")
     int8_max_ppl_increase: float = Field(default=0.05, ge=0, description="Relative perplexity increase int8 vs fp32.")
 
 
