@@ -305,7 +305,7 @@ class EvaluationCompleted(Event):
     """A checkpoint has been judged."""
 
     EVENT_TYPE = "EvaluationCompleted"
-    SCHEMA_VERSION = "1.2"
+    SCHEMA_VERSION = "1.3"
 
     checkpoint: ArtifactRef = Field(description="The checkpoint evaluated.")
     checkpoint_digest: str = Field(description="Its digest (the idempotency key).")
@@ -333,6 +333,13 @@ class EvaluationCompleted(Event):
         "bpb_without, bpb_with, bpb_random) without context, with retrieved chunks and with random chunks of "
         "equal length (the control); gain = without - with, control_gain = without - random (and *_bpb), "
         "windows, chunks. None for a run without a `rag:` section.",
+    )
+    suite_retrieval: dict[str, dict[str, float]] | None = Field(
+        default=None,
+        description="Suites with retrieval-conditioned items (a run trained with retrieved context): per suite, "
+        "n (items scored both ways), score_with (mean item score, prompts with the retrieved chunks laid out as "
+        "training packed them), score_without (the same items, nothing retrieved), gain = with - without, "
+        "context_tokens_per_item. None when no suite has such items or the run has no `rag:` section.",
     )
 
 

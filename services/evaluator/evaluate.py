@@ -68,6 +68,9 @@ class EvalReport(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     domain_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
     suite_scores: dict[str, float] = Field(default_factory=dict)
+    suite_retrieval: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per suite with retrieval-conditioned items: n, score_with, score_without, gain.")
+    suite_notes: dict[str, str] = Field(default_factory=dict, description="Per suite: items skipped and why.")
     parity: dict[str, dict[str, float | int | str | bool | None]] = Field(default_factory=dict)
     retrieval: dict[str, float] | None = Field(default=None, description="Retrieval gain (RAG-packed datasets).")
     retrieval_note: str | None = Field(default=None, description="How it was measured, or why it was skipped.")
@@ -194,6 +197,8 @@ class _Context:
     pad_id: int
     vocab_size: int
     suites: list[Suite]
+    rag: Any = None  # retrieval_gain.RagPrompter when a suite has retrieval items and the dataset is RAG-packed
+    rag_note: str = ""
 
 
 def _context(dataset_manifest: str | Path, config: EvalConfig, suite_dir: str | Path | None = None) -> _Context:
@@ -201,8 +206,14 @@ def _context(dataset_manifest: str | Path, config: EvalConfig, suite_dir: str | 
     manifest = load_manifest(mpath)
     sdir = suite_dir if suite_dir is not None else config.suites_dir
     suites = load_suites(sdir) if sdir is not None else []
-    return _Context(mpath, manifest.version, dataset_tokenizer(mpath), manifest.tokenizer.eos_id,
-                    max(manifest.tokenizer.pad_id, 0), manifest.tokenizer.vocab_size, suites)
+    sp = dataset_tokenizer(mpath)
+    rag, rag_note = None, ""
+    if any(s.needs_retrieval for s in suites):
+        from .retrieval_gain import RagPrompter  # bm25s: only when a suite asks for retrieval
+
+        rag, rag_note = RagPrompter.of(mpath, sp)  # the index verified by its digest (raises otherwise)
+    return _Context(mpath, manifest.version, sp, manifest.tokenizer.eos_id,
+                    max(manifest.tokenizer.pad_id, 0), manifest.tokenizer.vocab_size, suites, rag, rag_note)
 
 
 def _load(checkpoint_dir: Path, ctx: _Context) -> tuple[torch.nn.Module, str, dict[str, Any]]:
@@ -223,7 +234,8 @@ def _measure(model: torch.nn.Module, digest: str, step: int, ctx: _Context, conf
     heldout = heldout_metrics(model, ctx.manifest_path, batch_size=config.batch_size, seq_len=seq_len,
                               max_tokens=config.max_val_tokens, domains=config.domains, tokenizer=ctx.sp)
     t0 = time.perf_counter()
-    suites = run_suites(model, ctx.sp, ctx.suites, config, eos_id=ctx.eos_id, pad_id=ctx.pad_id)
+    suites = run_suites(model, ctx.sp, ctx.suites, config, eos_id=ctx.eos_id, pad_id=ctx.pad_id, rag=ctx.rag,
+                        rag_note=ctx.rag_note)
     heldout.settings["suites_seconds"] = time.perf_counter() - t0
     return Measurement(digest, step, heldout, suites)
 
@@ -290,8 +302,11 @@ def evaluate_checkpoint(
     del model
 
     metrics = current.heldout.metrics()
-    suite_scores = {s.name: s.score for s in current.suites}
-    if current.suites:
+    scored_suites = [s for s in current.suites if s.n > 0]  # a suite whose every item was skipped has no score
+    suite_scores = {s.name: s.score for s in scored_suites}
+    suite_retrieval = {s.name: s.retrieval for s in current.suites if s.retrieval}
+    suite_notes = {s.name: _skip_note(s) for s in current.suites if s.skipped}
+    if scored_suites:
         metrics["suite_mean"] = sum(suite_scores.values()) / len(suite_scores)
 
     gates: list[GateResult] = []
@@ -311,11 +326,12 @@ def evaluate_checkpoint(
             references[name] = {"checkpoint": str(ref_path), "error": f"{type(exc).__name__}: {exc}"}
             continue
         references[name] = {"checkpoint": str(ref_path), "digest": ref.digest, "step": ref.step,
-                            "metrics": ref.heldout.metrics(), "suite_scores": {s.name: s.score for s in ref.suites}}
+                            "metrics": ref.heldout.metrics(),
+                            "suite_scores": {s.name: s.score for s in ref.suites if s.n > 0}}
         if ref.digest == digest:
             continue  # comparing a checkpoint with itself proves nothing
         g, t = regression_gates(
-            name, current.heldout, ref.heldout, current.suites, ref.suites,
+            name, current.heldout, ref.heldout, scored_suites, [s for s in ref.suites if s.n > 0],
             ppl_max_increase=config.gates.val_ppl_max_increase, suite_max_drop=config.gates.suite_max_drop,
             samples=config.bootstrap_samples, confidence=config.confidence, seed=config.seed,
         )
@@ -340,7 +356,8 @@ def evaluate_checkpoint(
     report = EvalReport(
         checkpoint=str(checkpoint_dir), digest=digest, step=step, dataset_version=ctx.dataset_version,
         dataset_manifest=str(ctx.manifest_path), is_final=manifest.get("meta", {}).get("reason") == "final",
-        metrics=metrics, domain_metrics=current.heldout.domain_metrics(), suite_scores=suite_scores, parity=parity,
+        metrics=metrics, domain_metrics=current.heldout.domain_metrics(), suite_scores=suite_scores,
+        suite_retrieval=suite_retrieval, suite_notes=suite_notes, parity=parity,
         retrieval=retrieval, retrieval_note=retrieval_note, gates=gates, verdict=verdict, error=error, references=references, timings=timings,
     )
     out = Path(out_dir) / RESULTS_FILE
@@ -356,6 +373,12 @@ def evaluate_checkpoint(
     log.info("evaluator.evaluated", checkpoint=str(checkpoint_dir), step=step, verdict=verdict,
              val_ppl=metrics["val_ppl"], seconds=round(timings["total_s"], 2))
     return report
+
+
+def _skip_note(s: SuiteResult) -> str:
+    """One line: how many items of a suite were skipped, and the first reason."""
+    first = next(iter(s.skipped.values()))
+    return f"{len(s.skipped)} of {len(s.skipped) + s.n} items skipped ({first})"
 
 
 def safe_evaluate(
@@ -438,6 +461,7 @@ def evaluation_completed(
         evaluator=evaluator,
         is_final=report.is_final if is_final is None else is_final,
         retrieval=report.retrieval,
+        suite_retrieval=report.suite_retrieval or None,
     )
 
 
@@ -460,7 +484,12 @@ def format_report(report: EvalReport) -> str:
     elif report.retrieval_note:
         lines.append(f"  retrieval gain {report.retrieval_note}")
     for name, s in sorted(report.suite_scores.items()):
-        lines.append(f"  suite {name:<24} {s:.3f}")
+        r = report.suite_retrieval.get(name)
+        extra = (f"  (retrieval items: {r['score_with']:.3f} with context, {r['score_without']:.3f} without, "
+                 f"gain {r['gain']:+.3f} over {int(r['n'])})" if r else "")
+        lines.append(f"  suite {name:<24} {s:.3f}{extra}")
+    for name, note in sorted(report.suite_notes.items()):
+        lines.append(f"  suite {name:<24} {note}")
     for name, p in sorted(report.parity.items()):
         nums = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items() if k != "passed")
         lines.append(f"  parity {name:<14} {'ok' if p.get('passed') else 'FAILED'}  {nums}")

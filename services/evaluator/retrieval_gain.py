@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from contracts import RetrievalQuery
-from shared.retrieval.packing import Layout, pack_record
 from shared.data.config import RagConfig
-from shared.data.manifest import MASK_BASE, Manifest, load_manifest
+from shared.data.manifest import MASK_BASE, MASK_PAD, Manifest, load_manifest
 from shared.retrieval import LocalIndex
+from shared.retrieval.packing import Layout, pack_record
 
 LN2 = math.log(2.0)
 
@@ -230,3 +230,81 @@ def format_retrieval(figures: dict[str, Any]) -> str:
             f"context control {figures['control_gain']:+.4f} ({figures['control_gain_bpb']:+.4f}); loss without "
             f"{figures['loss_without']:.4f}, with {figures['loss_with']:.4f}, random {figures['loss_random']:.4f} "
             f"over {int(figures['windows'])} windows")
+
+
+# --- retrieval-conditioned suite prompts ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RagPrompt:
+    """A suite prompt laid out as training packed it, with and without retrieved context."""
+
+    with_ids: list[int]
+    without_ids: list[int]
+    chunk_ids: list[str]  # the chunks that went in (whole or cut), rank order
+    context_tokens: int  # tokens of the retrieved part (chunks and their boundaries)
+
+
+class RagPrompter:
+    """Builds retrieval-conditioned prompts for a RAG-trained run, as training packed its windows.
+
+    The retriever is the dataset's own local index (``rag_index/``, loaded verified by the digest in
+    the manifest); a prompt's query (the item's `query`, else its prompt) is cut to
+    ``rag.query_chars`` characters as data prep cuts a window's, its top ``rag.k`` chunks (each chunk's
+    text encoded alone, as data prep encodes them) go through `packing.pack_record` with the
+    dataset's layout (seq_len, context budget, boundary ids, the MIN_CHUNK_TOKENS cut). The base text
+    is EOS + the prompt's ids (a prompt is the start of a document, as for every suite item). The
+    record's front padding is dropped, as `helox generate --rag` drops it:
+
+        with:    <ctx> c1 </ctx> <ctx> c2 </ctx> ... <doc> EOS prompt
+        without: <doc> EOS prompt   (the layout training gives a window with nothing retrieved)
+    """
+
+    def __init__(self, sp: spm.SentencePieceProcessor, layout: Layout, index: LocalIndex, k: int, query_chars: int,
+                 eos_id: int, note: str) -> None:
+        self.sp, self.layout, self.index, self.k, self.query_chars = sp, layout, index, k, query_chars
+        self.eos_id, self.note = eos_id, note
+
+    @classmethod
+    def of(cls, manifest_path: str | Path, sp: spm.SentencePieceProcessor) -> tuple[RagPrompter | None, str]:
+        """(prompter, note) for a RAG-packed dataset; (None, why) for one without `rag`.
+        Raises RetrievalGainError when the index is missing or its digest is not the manifest's."""
+        mpath = Path(manifest_path)
+        mpath = mpath / "manifest.json" if mpath.is_dir() else mpath
+        manifest = load_manifest(mpath)
+        if manifest.rag is None:
+            return None, (f"dataset {manifest.version} was not packed with retrieved context (the run has no "
+                          "rag: section): retrieval-conditioned items need a RAG-trained run")
+        rag = manifest.rag
+        settings = RagConfig.model_validate(manifest.config["rag"]) if manifest.config.get("rag") else RagConfig()
+        layout = Layout.of(rag.seq_len, rag.context_budget, rag.boundary_ids, max(manifest.tokenizer.pad_id, 0))
+        index = load_index(mpath.parent, manifest)
+        note = (f"local index {rag.index.sha256[:12]} of dataset {manifest.version} ({rag.index.chunks} train "
+                f"chunks), k={settings.k}, context budget {rag.context_budget} of {layout.record_tokens} tokens")
+        if rag.retriever != LocalIndex.NAME:
+            note += f"; training retrieved with {rag.retriever}, suites with the dataset's local index"
+        return cls(sp, layout, index, settings.k, settings.query_chars, manifest.tokenizer.eos_id, note), note
+
+    def retrieve(self, queries: list[str]) -> list[list[tuple[str, list[int]]]]:
+        """(chunk id, token ids) of the top-k chunks of each query, best first."""
+        hits = self.index.search([RetrievalQuery(query_id=str(i), text=q[: self.query_chars] or " ", k=self.k)
+                                  for i, q in enumerate(queries)])
+        texts = list(dict.fromkeys(c.text for found in hits for c, _ in found))
+        ids = dict(zip(texts, self.sp.encode(texts, num_threads=1), strict=True)) if texts else {}
+        return [[(c.chunk_id, ids[c.text]) for c, _ in found] for found in hits]
+
+    def pack_base(self, base: np.ndarray, chunks: list[list[int]]) -> tuple[list[int], int]:
+        """(ids, chunks used): `pack_record` of the dataset's layout, its front padding dropped."""
+        tokens, kinds, used = pack_record(self.layout, base, chunks)
+        return tokens[kinds != MASK_PAD].tolist(), used
+
+    def pack(self, prompt_ids: list[int], chunks: list[tuple[str, list[int]]]) -> RagPrompt:
+        """The with/without prompts of one item (base = EOS + prompt_ids). ValueError when the base
+        text does not fit the layout's base part."""
+        base = np.array([self.eos_id, *prompt_ids], dtype=np.int64)
+        if len(base) > self.layout.base_tokens:
+            raise ValueError(f"the prompt takes {len(base)} tokens (EOS included), more than the "
+                             f"{self.layout.base_tokens} the RAG layout leaves for base text")
+        with_ids, used = self.pack_base(base, [ids for _, ids in chunks])
+        without_ids, _ = self.pack_base(base, [])
+        return RagPrompt(with_ids, without_ids, [c for c, _ in chunks[:used]], len(with_ids) - len(base) - 1)

@@ -15,6 +15,16 @@ Scorers: `exact` and `contains` (normalised, see `scoring.normalize`), `similari
 or MiniLM cosine, per item or the config's default), `loglik_choice` (sum log-prob of each
 choice given the prompt; the item scores acc, acc_norm is reported too). A prompt is fed as
 the start of a document: EOS first, since the shards put EOS between documents.
+
+Retrieval-conditioned items (`retrieval: true`, optionally `query:` the text sent to the retriever,
+default the prompt) are for runs trained on RAG-packed data: their question goes to the run's
+retriever (the dataset's local index, verified by digest) and the prompt is laid out as training
+packed its windows (`retrieval_gain.RagPrompter`: <ctx>chunk</ctx>... <doc> EOS prompt, the
+dataset's k, markers and context budget). Each such item is scored twice, with retrieved context
+(its score) and without (`<doc> EOS prompt`: score_without_retrieval); the suite reports both
+means and their difference (`SuiteResult.retrieval`). A run without retrieval (no `rag:` section)
+skips these items, each with a note (`SuiteResult.skipped`); a suite left with no item is reported
+with n = 0 and no score.
 """
 
 from __future__ import annotations
@@ -55,6 +65,8 @@ class SuiteItem(BaseModel):
     similarity: Literal["chrf", "embedding"] | None = Field(default=None, description="None: the config's default.")
     max_new_tokens: int | None = Field(default=None, ge=1)
     stop: list[str] | None = None
+    retrieval: bool = Field(default=False, description="Prompt with retrieved context (RAG-trained runs only).")
+    query: str | None = Field(default=None, description="What is sent to the retriever (None: the prompt).")
 
     @model_validator(mode="after")
     def _check(self) -> SuiteItem:
@@ -63,6 +75,8 @@ class SuiteItem(BaseModel):
                 raise ValueError(f"item {self.id!r}: loglik_choice needs choices and an answer index within them")
         elif self.expected is None or (isinstance(self.expected, list) and not self.expected):
             raise ValueError(f"item {self.id!r}: scorer {self.scorer} needs 'expected'")
+        if self.query is not None and not self.retrieval:
+            raise ValueError(f"item {self.id!r}: 'query' is only used with retrieval: true")
         return self
 
 
@@ -73,6 +87,10 @@ class Suite(BaseModel):
     description: str = ""
     items: list[SuiteItem]
     source: str = ""
+
+    @property
+    def needs_retrieval(self) -> bool:
+        return any(it.retrieval for it in self.items)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Suite:
@@ -196,9 +214,29 @@ def generate_texts(
     seed: int = 0,
 ) -> list[str]:
     """Completions (decoded new text, EOS excluded) of each prompt, batched with left padding."""
+    return generate_from_ids(model, sp, [[prefix_id] + sp.encode(p) for p in prompts], max_new_tokens=max_new_tokens,
+                             eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                             batch_size=batch_size, seed=seed)
+
+
+def generate_from_ids(
+    model: torch.nn.Module,
+    sp: Any,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[str]:
+    """`generate_texts` for prompts given as token ids (left-truncated to leave max_new_tokens room)."""
     max_len = model.config.max_seq_len
     keep = max(1, max_len - max_new_tokens)
-    encoded = [([prefix_id] + sp.encode(p))[-keep:] for p in prompts]
+    encoded = [list(p)[-keep:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     device = _device(model)
     gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
@@ -243,43 +281,57 @@ class ItemResult(BaseModel):
     expected: str | list[str] | None = None
     choice_logprobs: list[float] | None = None
     extra: dict[str, float] = Field(default_factory=dict)
+    retrieval: bool = Field(default=False, description="Prompted with retrieved context (score: with it).")
+    score_without_retrieval: float | None = Field(default=None, description="The same item, no context retrieved.")
+    output_without_retrieval: str | None = None
+    choice_logprobs_without_retrieval: list[float] | None = None
+    retrieved: list[str] | None = Field(default=None, description="Chunk ids packed into the prompt, rank order.")
+    context_tokens: int | None = Field(default=None, description="Tokens of the retrieved part of the prompt.")
 
 
 class SuiteResult(BaseModel):
     name: str
-    score: float = Field(description="Mean item score, 0-1.")
+    score: float = Field(description="Mean item score, 0-1 (NaN when every item was skipped: n = 0).")
     n: int
     by_scorer: dict[str, float] = Field(default_factory=dict, description="Mean score per scorer type.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Extra aggregates, e.g. acc_norm.")
     items: list[ItemResult]
+    retrieval: dict[str, float] | None = Field(
+        default=None, description="Retrieval-conditioned items: n, score_with, score_without (means), gain = with - without.")
+    skipped: dict[str, str] = Field(default_factory=dict, description="Items not scored, and why.")
 
     def scores(self) -> dict[str, float]:
         return {i.id: i.score for i in self.items}
 
 
-def run_suite(
-    model: torch.nn.Module, sp: Any, suite: Suite, config: EvalConfig, *, eos_id: int, pad_id: int = 0,
-    embedder: scoring.Embedder | None = None,
-) -> SuiteResult:
-    """Score every item of a suite; per-item outputs kept."""
+Condition = Literal["plain", "with", "without"]
+
+
+def _score_items(
+    model: torch.nn.Module, sp: Any, jobs: list[tuple[str, SuiteItem, list[int], list[list[int]] | None]],
+    config: EvalConfig, *, eos_id: int, pad_id: int, embedder: scoring.Embedder | None,
+) -> dict[str, ItemResult]:
+    """Score jobs (key, item, prompt ids, per-choice (context ids) for loglik items): key -> result.
+
+    A generation job's ids are the whole prompt; a loglik job's context ids come per choice (the
+    continuation's ids follow, `split_continuation`)."""
     g = config.generation
     results: dict[str, ItemResult] = {}
-
-    gen_items = [it for it in suite.items if it.scorer != "loglik_choice"]
-    by_len: dict[int, list[SuiteItem]] = {}
-    for it in gen_items:
-        by_len.setdefault(it.max_new_tokens or g.max_new_tokens, []).append(it)
+    gen = [(key, it, ids) for key, it, ids, _ in jobs if it.scorer != "loglik_choice"]
+    by_len: dict[int, list[tuple[str, SuiteItem, list[int]]]] = {}
+    for job in gen:
+        by_len.setdefault(job[1].max_new_tokens or g.max_new_tokens, []).append(job)
     outputs: dict[str, str] = {}
-    for n_new, items in sorted(by_len.items()):
-        texts = generate_texts(model, sp, [it.prompt for it in items], max_new_tokens=n_new, prefix_id=eos_id,
-                               eos_id=eos_id, pad_id=pad_id, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                               batch_size=g.batch_size, seed=g.seed)
-        for it, text in zip(items, texts, strict=True):
-            outputs[it.id] = cut_at_stop(text, it.stop if it.stop is not None else g.stop)
+    for n_new, group in sorted(by_len.items()):
+        texts = generate_from_ids(model, sp, [ids for _, _, ids in group], max_new_tokens=n_new, eos_id=eos_id,
+                                  pad_id=pad_id, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                                  batch_size=g.batch_size, seed=g.seed)
+        for (key, it, _), text in zip(group, texts, strict=True):
+            outputs[key] = cut_at_stop(text, it.stop if it.stop is not None else g.stop)
 
-    embed_items = []
-    for it in gen_items:
-        out = outputs[it.id]
+    embed = []
+    for key, it, _ in gen:
+        out = outputs[key]
         if it.scorer == "exact":
             score = scoring.exact_match(out, it.expected, case_fold=it.case_fold)
         elif it.scorer == "contains":
@@ -288,51 +340,125 @@ def run_suite(
             refs = [it.expected] if isinstance(it.expected, str) else it.expected
             score = max(scoring.chrf(out, r) for r in refs) / 100.0
         else:
-            embed_items.append(it)
+            embed.append((key, it))
             continue
-        results[it.id] = ItemResult(id=it.id, scorer=it.scorer, score=score, output=out, expected=it.expected)
-    if embed_items:
+        results[key] = ItemResult(id=it.id, scorer=it.scorer, score=score, output=out, expected=it.expected)
+    if embed:
         embedder = embedder or scoring.Embedder(config.embedding_model)
-        refs = [it.expected if isinstance(it.expected, str) else it.expected[0] for it in embed_items]
-        cos = embedder.cosine([outputs[it.id] for it in embed_items], refs)
-        for it, c in zip(embed_items, cos, strict=True):
-            results[it.id] = ItemResult(id=it.id, scorer=it.scorer, score=max(0.0, c), output=outputs[it.id],
-                                        expected=it.expected, extra={"cosine": c})
+        refs = [it.expected if isinstance(it.expected, str) else it.expected[0] for _, it in embed]
+        cos = embedder.cosine([outputs[key] for key, _ in embed], refs)
+        for (key, it), c in zip(embed, cos, strict=True):
+            results[key] = ItemResult(id=it.id, scorer=it.scorer, score=max(0.0, c), output=outputs[key],
+                                      expected=it.expected, extra={"cosine": c})
 
-    mc_items = [it for it in suite.items if it.scorer == "loglik_choice"]
-    if mc_items:
-        reqs, owners = [], []
-        for it in mc_items:
-            for c in it.choices:
-                ctx, cont = split_continuation(sp, it.prompt, c)
-                reqs.append(([eos_id] + ctx, cont))
-                owners.append(it.id)
+    mc = [(key, it, ctxs) for key, it, _, ctxs in jobs if it.scorer == "loglik_choice"]
+    if mc:
+        reqs = []
+        for _, it, ctxs in mc:
+            for c, ctx in zip(it.choices, ctxs, strict=True):
+                reqs.append((ctx, split_continuation(sp, it.prompt, c)[1]))
         lps = token_logprobs(model, reqs, batch_size=config.batch_size)
         k = 0
-        for it in mc_items:
+        for key, it, _ in mc:
             lp = [lps[k + j][0] for j in range(len(it.choices))]
             k += len(it.choices)
             m = scoring.choice_metrics(lp, [len(c.encode("utf-8")) for c in it.choices], it.answer)
-            results[it.id] = ItemResult(id=it.id, scorer=it.scorer, score=m["acc"], choice_logprobs=lp,
-                                        expected=it.choices[it.answer], extra={"acc_norm": m["acc_norm"]})
+            results[key] = ItemResult(id=it.id, scorer=it.scorer, score=m["acc"], choice_logprobs=lp,
+                                      expected=it.choices[it.answer], extra={"acc_norm": m["acc_norm"]})
+    return results
 
-    items = [results[it.id] for it in suite.items]
+
+def run_suite(
+    model: torch.nn.Module, sp: Any, suite: Suite, config: EvalConfig, *, eos_id: int, pad_id: int = 0,
+    embedder: scoring.Embedder | None = None, rag: Any = None, rag_note: str = "",
+) -> SuiteResult:
+    """Score every item of a suite; per-item outputs kept.
+
+    rag: a `retrieval_gain.RagPrompter` for a RAG-trained run (None: retrieval items are skipped,
+    `rag_note` saying why)."""
+    g = config.generation
+    max_len = model.config.max_seq_len
+    skipped: dict[str, str] = {}
+    jobs: list[tuple[str, SuiteItem, list[int], list[list[int]] | None]] = []
+    meta: dict[str, Any] = {}  # item id -> RagPrompt of the generation prompt (or of the loglik context)
+    rag_items = [it for it in suite.items if it.retrieval]
+    chunks_of: dict[str, list[tuple[str, list[int]]]] = {}
+    if rag is not None and rag_items:
+        found = rag.retrieve([it.query or it.prompt for it in rag_items])
+        chunks_of = {it.id: f for it, f in zip(rag_items, found, strict=True)}
+    for it in suite.items:
+        mc = it.scorer == "loglik_choice"
+        if not it.retrieval:
+            ctxs = [[eos_id] + split_continuation(sp, it.prompt, c)[0] for c in it.choices] if mc else None
+            jobs.append((f"plain:{it.id}", it, [eos_id] + sp.encode(it.prompt), ctxs))
+            continue
+        if rag is None:
+            skipped[it.id] = f"retrieval item skipped: {rag_note or 'the run has no retriever'}"
+            continue
+        try:
+            if mc:
+                contexts = [split_continuation(sp, it.prompt, c) for c in it.choices]
+                packed = [rag.pack(ctx, chunks_of[it.id]) for ctx, _ in contexts]
+                need = max(len(p.with_ids) + len(cont) for p, (_, cont) in zip(packed, contexts, strict=True))
+                if need > max_len + 1:
+                    raise ValueError(f"the prompt with context and a choice takes {need} tokens, more than the "
+                                     f"model's max_seq_len + 1 ({max_len + 1})")
+                meta[it.id] = packed[0]
+                jobs.append((f"with:{it.id}", it, [], [p.with_ids for p in packed]))
+                jobs.append((f"without:{it.id}", it, [], [p.without_ids for p in packed]))
+            else:
+                p = rag.pack(sp.encode(it.prompt), chunks_of[it.id])
+                n_new = it.max_new_tokens or g.max_new_tokens
+                if len(p.with_ids) + n_new > max_len:
+                    raise ValueError(f"the prompt with context takes {len(p.with_ids)} tokens; with {n_new} new "
+                                     f"tokens that exceeds the model's max_seq_len ({max_len})")
+                meta[it.id] = p
+                jobs.append((f"with:{it.id}", it, p.with_ids, None))
+                jobs.append((f"without:{it.id}", it, p.without_ids, None))
+        except ValueError as exc:
+            skipped[it.id] = f"retrieval item skipped: {exc}"
+
+    scored = _score_items(model, sp, jobs, config, eos_id=eos_id, pad_id=pad_id, embedder=embedder)
+    items: list[ItemResult] = []
+    for it in suite.items:
+        if it.id in skipped:
+            continue
+        if not it.retrieval:
+            items.append(scored[f"plain:{it.id}"])
+            continue
+        w, wo, p = scored[f"with:{it.id}"], scored[f"without:{it.id}"], meta[it.id]
+        extra = {**w.extra, **{f"{k}_without_retrieval": v for k, v in wo.extra.items()}}
+        items.append(w.model_copy(update={
+            "retrieval": True, "score_without_retrieval": wo.score, "output_without_retrieval": wo.output,
+            "choice_logprobs_without_retrieval": wo.choice_logprobs, "retrieved": p.chunk_ids,
+            "context_tokens": p.context_tokens, "extra": extra}))
+
     by_scorer: dict[str, list[float]] = {}
     for r in items:
         by_scorer.setdefault(r.scorer, []).append(r.score)
     metrics: dict[str, float] = {}
-    if mc_items:
-        mc = [r for r in items if r.scorer == "loglik_choice"]
-        metrics["acc"] = sum(r.score for r in mc) / len(mc)
-        metrics["acc_norm"] = sum(r.extra["acc_norm"] for r in mc) / len(mc)
+    mc_results = [r for r in items if r.scorer == "loglik_choice"]
+    if mc_results:
+        metrics["acc"] = sum(r.score for r in mc_results) / len(mc_results)
+        metrics["acc_norm"] = sum(r.extra["acc_norm"] for r in mc_results) / len(mc_results)
+    retrieval = None
+    conditioned = [r for r in items if r.retrieval]
+    if conditioned:
+        with_ = sum(r.score for r in conditioned) / len(conditioned)
+        without = sum(r.score_without_retrieval for r in conditioned) / len(conditioned)  # type: ignore[misc]
+        retrieval = {"n": float(len(conditioned)), "score_with": with_, "score_without": without,
+                     "gain": with_ - without,
+                     "context_tokens_per_item": sum(r.context_tokens or 0 for r in conditioned) / len(conditioned)}
     score = sum(r.score for r in items) / len(items) if items else math.nan
     return SuiteResult(name=suite.name, score=score, n=len(items),
-                       by_scorer={k: sum(v) / len(v) for k, v in by_scorer.items()}, metrics=metrics, items=items)
+                       by_scorer={k: sum(v) / len(v) for k, v in by_scorer.items()}, metrics=metrics, items=items,
+                       retrieval=retrieval, skipped=skipped)
 
 
 def run_suites(model: torch.nn.Module, sp: Any, suites: Sequence[Suite], config: EvalConfig, *, eos_id: int,
-               pad_id: int = 0) -> list[SuiteResult]:
+               pad_id: int = 0, rag: Any = None, rag_note: str = "") -> list[SuiteResult]:
     embedder = scoring.Embedder(config.embedding_model) if any(
         it.scorer == "similarity" and (it.similarity or config.similarity) == "embedding"
         for s in suites for it in s.items) else None
-    return [run_suite(model, sp, s, config, eos_id=eos_id, pad_id=pad_id, embedder=embedder) for s in suites]
+    return [run_suite(model, sp, s, config, eos_id=eos_id, pad_id=pad_id, embedder=embedder, rag=rag,
+                      rag_note=rag_note) for s in suites]

@@ -187,7 +187,7 @@ def test_evaluate_checkpoint_puts_the_gain_in_the_report_and_in_evaluation_compl
     assert report.retrieval is not None and report.retrieval["windows"] == 16
     assert report.retrieval["gain"] > report.retrieval["control_gain"]
     event = evaluation_completed(report)
-    assert event.retrieval == report.retrieval and event.SCHEMA_VERSION == "1.2"
+    assert event.retrieval == report.retrieval and event.SCHEMA_VERSION == "1.3"
     assert "retrieval gain +" in format_report(report) and "random-context control" in format_report(report)
     saved = json.loads(Path(report.results_path).read_text())["report"]
     assert saved["retrieval"] == report.retrieval and "16 validation windows" in saved["retrieval_note"]
