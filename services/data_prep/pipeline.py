@@ -50,7 +50,7 @@ from services.data_prep.ingest import (
     read_files,
 )
 from services.data_prep.retrieval import RetrieverChoice, choose_retriever, fallback_digest, retrieval_stage
-from services.data_prep.sharding import is_validation, validation_score, write_shards
+from services.data_prep.sharding import histogram_file_bytes, is_validation, validation_score, write_shards
 from services.data_prep.tokenizer import load_tokenizer, special_ids, token_dtype, train_tokenizer, user_defined_ids
 from shared.artifacts import ArtifactStore, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
 from shared.data.config import RAG_BOUNDARY_TOKENS, DataPrepConfig, ShardingConfig
@@ -610,8 +610,6 @@ def _build(
         docs, out / TOKENIZER_FILE, vocab, dtype, out, sh.shard_tokens, sh.val_fraction, sh.seed,
         imap=pool.imap, progress=lambda f: report_progress("tokenize", f),
     )
-    from safetensors.numpy import save
-
     tokenize_s = time.perf_counter() - t0
     shards = sharded.shards
     rag_info = None
@@ -630,7 +628,7 @@ def _build(
             bytes_out=sum(s.size_bytes for s in shards), seconds=time.perf_counter() - t_rag, details=outcome.details,
         )
     t_manifest = time.perf_counter()
-    hist_bytes = save(sharded.histograms, metadata={"dataset_version": version, "vocab_size": str(vocab)})
+    hist_bytes = histogram_file_bytes(sharded.histograms, {"dataset_version": version, "vocab_size": str(vocab)})
     atomic_write_bytes(out / HISTOGRAM_FILE, hist_bytes)
     report_bytes = b"".join(json.dumps(r).encode() + b"\n" for r in removed_records)
     atomic_write_bytes(out / DEDUP_REPORT_FILE, report_bytes)

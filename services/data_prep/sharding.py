@@ -11,6 +11,7 @@ crosses shard_tokens.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -119,6 +120,29 @@ class ShardingResult:
     shards: list[ShardInfo]
     domains: dict[str, DomainStats]
     histograms: dict[str, np.ndarray] = field(default_factory=dict)  # "<split>/<domain>" -> counts
+
+
+def histogram_file_bytes(histograms: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """The histograms as a safetensors file, byte for byte the same for the same input.
+
+    safetensors keeps __metadata__ in a Rust HashMap seeded per process, so two keys come out
+    in either order (about half of the runs): the same dataset got a different histogram
+    digest. The header is rewritten with the metadata sorted by key; it is compact JSON of the
+    same length, so the padding and the tensor offsets are unchanged.
+    """
+    from safetensors.numpy import save
+
+    data = save(histograms, metadata=dict(sorted(metadata.items())))
+    n = int.from_bytes(data[:8], "little")
+    raw = data[8 : 8 + n]
+    text = raw.rstrip(b" ").decode("utf-8")
+    header = json.loads(text, object_pairs_hook=dict)
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    fixed = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(fixed) != len(text.encode("utf-8")) or json.loads(fixed) != json.loads(text):
+        raise RuntimeError("unexpected safetensors header layout: cannot order its metadata")
+    return data[:8] + fixed + raw[len(fixed):] + data[8 + n :]
 
 
 def _chunks(docs: list[Document]) -> Iterator[list[Document]]:
