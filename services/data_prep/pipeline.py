@@ -49,7 +49,13 @@ from services.data_prep.ingest import (
     expand_path,
     read_files,
 )
-from services.data_prep.retrieval import RetrieverChoice, choose_retriever, fallback_digest, retrieval_stage
+from services.data_prep.retrieval import (
+    RetrieverChoice,
+    announce_reused_fallbacks,
+    choose_retriever,
+    fallback_digest,
+    retrieval_stage,
+)
 from services.data_prep.sharding import histogram_file_bytes, is_validation, validation_score, write_shards
 from services.data_prep.tokenizer import load_tokenizer, special_ids, token_dtype, train_tokenizer, user_defined_ids
 from shared.artifacts import ArtifactStore, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
@@ -97,7 +103,7 @@ _TASK_BYTES = 1 << 19  # input per worker task: amortises pickling, small enough
 # Parameters that cannot change a dataset's bytes, left out of its version: where the files
 # are (their content and relative paths are in), and how many processes do the work.
 _NOT_VERSIONED = ("corpus.roots", "corpus.sources[].path", "sharding.workers", "tokenizer.model_path",
-                  "rag.discovery_timeout_s", "rag.request_timeout_s", "rag.batch_queries")
+                  "rag.discovery_timeout_s", "rag.indexing_wait_s", "rag.request_timeout_s", "rag.batch_queries")
 """(How long to wait for a retriever changes a dataset only through fallbacks, which change its version.)"""
 
 
@@ -140,7 +146,7 @@ def version_params(config: DataPrepConfig) -> dict[str, Any]:
     if params.get("rag") is None:
         params.pop("rag", None)  # versions of unpacked datasets stay what they were
     else:
-        for name in ("discovery_timeout_s", "request_timeout_s", "batch_queries"):
+        for name in ("discovery_timeout_s", "indexing_wait_s", "request_timeout_s", "batch_queries"):
             params["rag"].pop(name)
     return params
 
@@ -361,6 +367,7 @@ def prepare_dataset(
         if existing is not None:
             report_progress("manifest", 1.0)
             log.info(f"dataset {version} {note}", version=version)
+            announce_reused_fallbacks(existing, synapse)  # packed after a fallback: said again, not silent
             timings["total"] = time.perf_counter() - t_start
             return PrepareResult(existing, final / MANIFEST_NAME, True, existing.stages, note, timings)
         status = f"rebuilt: {note}"
@@ -395,6 +402,7 @@ def prepare_dataset(
             if existing is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+            announce_reused_fallbacks(existing, synapse)
             timings["total"] = time.perf_counter() - t_start
             return PrepareResult(existing, final / MANIFEST_NAME, True, existing.stages, note, timings)
         fsync_dir(final.parent)

@@ -48,7 +48,7 @@ from shared.retrieval import (
     RetrieverUnavailableError,
     SynapseLink,
     SynapseRetriever,
-    discover,
+    find_retriever,
 )
 
 log = get_logger("helox.data_prep.retrieval")
@@ -94,19 +94,21 @@ def choose_retriever(rag: RagConfig, link: SynapseLink | None) -> RetrieverChoic
         log.warning(f"RAG packing: {reason}")
         return RetrieverChoice(LOCAL, fallback=RetrievalFallbackInfo(from_retriever=None, to_retriever=LOCAL,
                                                                      reason=reason, queries=0))
-    hb = discover(link, rag.discovery_timeout_s)
+    found = find_retriever(link, rag.discovery_timeout_s, rag.indexing_wait_s)
+    hb = found.retriever
     if hb is not None:
         log.info("RAG packing: retriever discovered", retriever=hb.name, instance=hb.instance,
-                 index_digest=hb.index_digest)
+                 index_digest=hb.index_digest, waited_s=round(found.waited_s, 2))
         return RetrieverChoice(f"{hb.name}:{hb.instance}", heartbeat=hb)
-    reason = (f"no live retriever on {link.stream(RetrieverHeartbeat)} within data.rag.discovery_timeout_s = "
-              f"{rag.discovery_timeout_s} s")
+    reason = found.reason(link.stream(RetrieverHeartbeat), rag.discovery_timeout_s, rag.indexing_wait_s)
     if rag.retriever == "cyrex":
+        setting = "raise data.rag.indexing_wait_s" if found.indexing is not None else "start Cyrex, raise the timeout"
         raise RetrieverUnavailableError(
-            f"data.rag.retriever is 'cyrex' and {reason}: start Cyrex, raise the timeout, or set data.rag.retriever "
-            "to auto or local"
+            f"data.rag.retriever is 'cyrex' and {reason}: {setting}, or set data.rag.retriever to auto or local"
         )
     log.warning(f"RAG packing falls back to the local index: {reason}")
+    # from_retriever None: nothing served yet (the reason names an instance that was still indexing), so
+    # the packing is the local index's alone and keeps its version (mid-run fallbacks get their own).
     return RetrieverChoice(LOCAL, fallback=RetrievalFallbackInfo(from_retriever=None, to_retriever=LOCAL,
                                                                  reason=reason, queries=0))
 
@@ -183,13 +185,14 @@ def _streams(docs: list[Document], flat: list[ShardInfo], root: Path, val_fracti
 class _Publisher:
     """Fallbacks: recorded for the manifest, logged as warnings and, with a bus, published."""
 
-    def __init__(self, link: SynapseLink | None) -> None:
+    def __init__(self, link: SynapseLink | None, what: str = "RAG packing fell back") -> None:
         self.link = link
+        self.what = what
         self.records: list[RetrievalFallbackInfo] = []
 
     def __call__(self, info: RetrievalFallbackInfo) -> None:
         self.records.append(info)
-        log.warning(f"RAG packing fell back to {info.to_retriever} for {info.queries} queries: {info.reason}",
+        log.warning(f"{self.what} to {info.to_retriever} for {info.queries} queries: {info.reason}",
                     from_retriever=info.from_retriever, split=info.split)
         if self.link is not None:
             self.link.publish(RetrievalFallback(stage="data", from_retriever=info.from_retriever,
@@ -359,6 +362,20 @@ def _retrieve(windows: list[_Window], queries: list[RetrievalQuery], index: Loca
             by_id[q.query_id].served_by = LOCAL
         progress(min(1.0, (i + len(part)) / max(len(local_todo), 1)))
     return answered
+
+
+def announce_reused_fallbacks(manifest: Any, link: SynapseLink | None) -> list[RetrievalFallbackInfo]:
+    """A reused dataset that was packed after fallbacks (manifest `rag.fallbacks`) is no silent
+    reuse: each fallback is said again for this run, logged as a warning and, with a bus,
+    published as RetrievalFallback (which `helox run` prints as a WARNING line). Returns them."""
+    rag = getattr(manifest, "rag", None)
+    if rag is None or not rag.fallbacks:
+        return []
+    publish = _Publisher(link, "RAG packing of a reused dataset fell back")
+    for f in rag.fallbacks:
+        publish(f.model_copy(update={"reason": f"dataset {manifest.version} reused as packed after a fallback: "
+                                               f"{f.reason}"}))
+    return publish.records
 
 
 def fallback_digest(shards: list[ShardInfo]) -> str:

@@ -152,7 +152,12 @@ class RagConfig(StrictModel):
     query_chars: int = Field(default=400, ge=16, description="Characters of the window's base text used as its query.")
     chunk_tokens: int = Field(default=48, ge=4, le=4096, description="Tokens per chunk of the local index (whole lines).")
     discovery_timeout_s: float = Field(default=2.0, ge=0.0, le=600.0,
-                                       description="How long to wait for a live Cyrex heartbeat.")
+                                       description="How long to wait for a Cyrex heartbeat when none is present.")
+    indexing_wait_s: float = Field(
+        default=120.0, ge=0.0, le=3600.0,
+        description="How long to wait for a Cyrex that has announced itself but is still indexing its "
+        "collection to be ready (past it, the local index serves; retriever cyrex: the run fails).",
+    )
     request_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0,
                                      description="Deadline of one retrieval request; unanswered, the local index serves.")
     batch_queries: int = Field(default=64, ge=1, le=1024, description="Queries per RetrievalRequested.")

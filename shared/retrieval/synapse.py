@@ -4,9 +4,12 @@ Synchronous (redis-py), because the caller is data-prep's pipeline, which runs i
 thread: requests and fallbacks are framed with the Bus's own encoder (`shared.bus.wire`),
 answers read with its reader and `contracts.codec.decode`.
 
-- Discovery (`discover`): the newest RetrieverHeartbeat of each instance on
-  `retrieval.heartbeat`; an instance is live when that heartbeat is younger than
-  3 x its interval_s and says status `ready`. Waits up to the timeout for one to appear.
+- Discovery (`discover`, `find_retriever`): the newest RetrieverHeartbeat of each instance on
+  `retrieval.heartbeat`; an instance is alive when that heartbeat is younger than 3 x its
+  interval_s, live (usable) when it also says status `ready`. Waits up to `timeout_s` for one
+  to appear; an instance alive but still `indexing` its collection is waited for longer, up to
+  `indexing_wait_s` from the start of discovery (Cyrex announces itself before it has indexed:
+  a large collection takes minutes), as long as it keeps heart-beating.
 - Requests (`SynapseRetriever.ask`): each batch is one RetrievalRequested with a deadline;
   answers are read with XREAD (no consumer group, as contracts/services.py says) from the
   newest id of `retrieval.completed` when the request was sent, filtered by request_id. The
@@ -118,36 +121,82 @@ def _heartbeats(link: SynapseLink, entries: list[Any]) -> list[tuple[datetime, R
     return out
 
 
-def live_retrievers(beats: list[tuple[datetime, RetrieverHeartbeat]], now: datetime) -> list[RetrieverHeartbeat]:
-    """Instances whose newest heartbeat is fresh (< 3 x interval_s) and ready, newest first."""
+def _newest(beats: list[tuple[datetime, RetrieverHeartbeat]], now: datetime) -> list[tuple[datetime, RetrieverHeartbeat]]:
+    """Each instance's newest heartbeat, if it is fresh (< 3 x interval_s), newest first."""
     newest: dict[str, tuple[datetime, RetrieverHeartbeat]] = {}
     for at, hb in beats:
         if hb.instance not in newest or at > newest[hb.instance][0]:
             newest[hb.instance] = (at, hb)
-    live = [(at, hb) for at, hb in newest.values()
-            if hb.status == "ready" and (now - at).total_seconds() < LIVENESS_INTERVALS * hb.interval_s]
-    return [hb for _, hb in sorted(live, key=lambda x: x[0], reverse=True)]
+    fresh = [(at, hb) for at, hb in newest.values() if (now - at).total_seconds() < LIVENESS_INTERVALS * hb.interval_s]
+    return sorted(fresh, key=lambda x: x[0], reverse=True)
 
 
-def discover(link: SynapseLink, timeout_s: float) -> RetrieverHeartbeat | None:
-    """A live, ready retriever from `retrieval.heartbeat`, waiting up to timeout_s for one; None if none."""
+def live_retrievers(beats: list[tuple[datetime, RetrieverHeartbeat]], now: datetime) -> list[RetrieverHeartbeat]:
+    """Instances whose newest heartbeat is fresh (< 3 x interval_s) and ready, newest first."""
+    return [hb for _, hb in _newest(beats, now) if hb.status == "ready"]
+
+
+def indexing_retrievers(beats: list[tuple[datetime, RetrieverHeartbeat]], now: datetime) -> list[RetrieverHeartbeat]:
+    """Instances alive (fresh newest heartbeat) but still indexing, newest first."""
+    return [hb for _, hb in _newest(beats, now) if hb.status == "indexing"]
+
+
+@dataclass
+class Discovery:
+    """What discovery found: a ready retriever, or None and, if one was seen indexing, the last such."""
+
+    retriever: RetrieverHeartbeat | None
+    indexing: RetrieverHeartbeat | None = None
+    """The last heartbeat of an instance seen alive but indexing (None: none was seen)."""
+    waited_s: float = 0.0
+
+    def reason(self, stream: str, timeout_s: float, indexing_wait_s: float) -> str:
+        """Why no retriever was found, naming the setting that bounded the wait (for None only)."""
+        if self.indexing is not None:
+            hb = self.indexing
+            return (f"{hb.name}:{hb.instance} announced itself on {stream} but was still indexing its collection "
+                    f"after data.rag.indexing_wait_s = {indexing_wait_s} s (waited {self.waited_s:.1f} s)")
+        return f"no live retriever on {stream} within data.rag.discovery_timeout_s = {timeout_s} s"
+
+
+def find_retriever(link: SynapseLink, timeout_s: float, indexing_wait_s: float = 0.0) -> Discovery:
+    """A live, ready retriever from `retrieval.heartbeat`: waiting up to timeout_s for one to
+    appear, and up to indexing_wait_s (from now) while one is alive but still indexing."""
     stream = link.stream(RetrieverHeartbeat)
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
+    patience = started + max(timeout_s, indexing_wait_s)
     recent = link.client.xrevrange(stream, count=HEARTBEAT_SCAN)
     beats = _heartbeats(link, list(reversed(recent)))
     cursor = recent[0][0] if recent else b"0-0"
+    seen_indexing: RetrieverHeartbeat | None = None
+    logged = False
     while True:
-        live = live_retrievers(beats, datetime.now(UTC))
+        now = datetime.now(UTC)
+        live = live_retrievers(beats, now)
         if live:
-            return live[0]
-        left = deadline - time.monotonic()
+            return Discovery(live[0], seen_indexing, time.monotonic() - started)
+        indexing = indexing_retrievers(beats, now)
+        if indexing:
+            seen_indexing = indexing[0]
+            if not logged:
+                log.info("a retriever is still indexing: waiting for it to be ready", retriever=seen_indexing.name,
+                         instance=seen_indexing.instance, indexing_wait_s=indexing_wait_s)
+                logged = True
+        # Someone indexing: wait up to indexing_wait_s; nobody alive: up to timeout_s.
+        left = (patience if indexing else deadline) - time.monotonic()
         if left <= 0:
-            return None
+            return Discovery(None, seen_indexing, time.monotonic() - started)
         got = link.client.xread({stream: cursor}, count=100, block=max(1, int(min(left, 0.5) * 1000)))
         for _, entries in got or []:
             if entries:
                 cursor = entries[-1][0]
                 beats += _heartbeats(link, entries)
+
+
+def discover(link: SynapseLink, timeout_s: float, indexing_wait_s: float = 0.0) -> RetrieverHeartbeat | None:
+    """A live, ready retriever from `retrieval.heartbeat` (see find_retriever); None if none."""
+    return find_retriever(link, timeout_s, indexing_wait_s).retriever
 
 
 @dataclass
