@@ -29,22 +29,37 @@ def up(
     cyrex_collection: Annotated[Path | None, typer.Option(
         help="Documents Cyrex indexes (.txt/.md/.py/.jsonl under it); default: the Python standard "
         "library, the demo's corpus.")] = None,
+    cyrex_ready_timeout: Annotated[float | None, typer.Option(
+        help="Seconds to wait for Cyrex to index its collection and heart-beat `ready` before the stack "
+        "reports up (default: HELOX_CYREX_READY_TIMEOUT_S, else 600).")] = None,
 ) -> None:
-    """Start Redis (embedded unless HELOX_REDIS_URL is set) and the services; Ctrl-C stops all."""
+    """Start Redis (embedded unless HELOX_REDIS_URL is set) and the services; Ctrl-C stops all.
+    With --with-cyrex the stack is up once Cyrex has indexed its collection."""
     settings = common.settings(config)
     if cyrex_collection is not None and not with_cyrex:
         raise CliError("--cyrex-collection needs --with-cyrex")
+    if cyrex_ready_timeout is not None and not with_cyrex:
+        raise CliError("--cyrex-ready-timeout needs --with-cyrex")
     try:
         stack = LocalStack(settings, evaluators=evaluators, config_path=config,
                            services=[s.strip() for s in services.split(",") if s.strip()],
-                           cyrex_collection=(cyrex_collection or default_cyrex_collection()) if with_cyrex else None)
+                           cyrex_collection=(cyrex_collection or default_cyrex_collection()) if with_cyrex else None,
+                           cyrex_ready_timeout_s=cyrex_ready_timeout)
     except ValueError as exc:  # an unknown service name, a missing Cyrex collection
         raise CliError(str(exc)) from None
     common.stop_on_signals()
-    stack.start()
+    try:
+        stack.start()  # with Cyrex: returns once it is ready (CyrexNotReadyError, one line, if never)
+    except KeyboardInterrupt:
+        console.print("[green]stack stopped[/green] (before it was up)")
+        return
     console.print(f"[green]stack up[/green]: redis {stack.redis_url}; logs in {stack.log_dir}")
     for slot in stack.slots:
         console.print(f"  {slot.instance:<20} pid {slot.proc.pid if slot.proc else '-'}")
+    if stack.cyrex_ready is not None:
+        hb = stack.cyrex_ready
+        console.print(f"  cyrex ready: {hb.index_chunks} chunks of {hb.index_documents} documents "
+                      f"(index {hb.index_digest[:12]}…)", highlight=False)
     try:
         while True:
             for line in stack.supervise_once():
