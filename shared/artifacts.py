@@ -160,6 +160,57 @@ class ArtifactStore:
             raise ArtifactDigestError(f"{p}: sha256 {digest} != {ref.sha256} in its reference")
         return p
 
+    def open_directory(self, ref: ArtifactRef) -> Path:
+        """The local directory of a directory artifact (a checkpoint, a dataset, an export), given
+        its manifest.json reference: verified (s3://: every file in the cache, checked against the
+        manifest), so its files can be read by path."""
+        return self.open_verified(ref).parent
+
+    def key(self, uri_or_path: str | os.PathLike[str]) -> str:
+        """The store-relative key of a URI or path (`runs/r1/checkpoints/step-20/manifest.json`);
+        ArtifactOutsideStoreError outside the store (another bucket, another prefix, another root)."""
+        text = os.fspath(uri_or_path)
+        if self.remote is not None and text.startswith("s3://"):
+            return self._s3_rel(text)
+        return self._rel(self.resolve(text))
+
+    def current_ref(self, key: str) -> ArtifactRef:
+        """The reference of what the store holds at `key` now (s3://: downloaded once into the cache
+        to hash it). For a manifest found by name rather than by an event's reference (a dataset
+        version's): the files it lists are then verified against it by open_verified."""
+        p = self.path(*key.split("/"))
+        if self.remote is None:
+            if not p.is_file():
+                raise FileNotFoundError(f"artifact {p} does not exist")
+            return ArtifactRef(uri=p.as_uri(), sha256=sha256_file(p), size_bytes=p.stat().st_size)
+        rel = self._rel(p)
+        _cached, digest, size = self.remote.fetch_current(rel)
+        return ArtifactRef(uri=self.remote.location.uri_of(rel), sha256=digest, size_bytes=size)
+
+    def dataset_manifest(self, version: str) -> Path:
+        """`datasets/<version>/manifest.json` with its files beside it, as a local path (s3://: the
+        verified cached copy). A dataset version is derived from its content; CheckpointSaved names
+        it without a digest, so the manifest is taken as the store holds it and its files are
+        checked against it."""
+        if not version or "/" in version or version in (".", ".."):
+            raise ArtifactOutsideStoreError(f"{version!r} is not a dataset version")
+        if self.remote is None:
+            p = self.path("datasets", version, MANIFEST_NAME)
+            if not p.is_file():
+                raise FileNotFoundError(f"dataset {version} is not in the store ({p} missing)")
+            return p
+        return self.open_verified(self.current_ref(f"datasets/{version}/{MANIFEST_NAME}"))
+
+    def list_keys(self, key_prefix: str) -> list[str]:
+        """Store-relative keys of the files under `key_prefix` (a directory key, e.g. `runs/r1/checkpoints`)."""
+        if self.remote is not None:
+            base = self._rel(self.path(*key_prefix.split("/")))
+            return self.remote.list_keys(base + "/")
+        d = self.path(*key_prefix.split("/"))
+        if not d.is_dir():
+            return []
+        return sorted(self._rel(p) for p in d.rglob("*") if p.is_file())
+
     def read_verified(self, ref: ArtifactRef) -> bytes:
         """The bytes of a (small) referenced file, checked against its size and SHA-256 as read:
         what is returned is exactly what was verified. Raises like `open_verified`."""

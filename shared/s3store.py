@@ -354,6 +354,48 @@ class S3Backend:
             raise
         return dest
 
+    def fetch_current(self, rel: str) -> tuple[Path, str, int]:
+        """Download object `rel` as the server holds it now (no digest known beforehand) into the
+        content-addressed cache: (cached path, sha256, size). For a manifest found by its name
+        (a dataset version's); the files it lists are then verified against it."""
+        import obstore
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".current.", suffix=".part")
+        try:
+            h = hashlib.sha256()
+            n = 0
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    stream = obstore.get(self.client, rel).stream(min_chunk_size=_CHUNK)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"artifact {self.location.uri_of(rel)} does not exist") from None
+                for chunk in stream:
+                    f.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            self.downloads += 1
+            digest = h.hexdigest()
+            dest = self.cache_path(digest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return dest, digest, n
+
+    def list_keys(self, rel_prefix: str) -> list[str]:
+        """Keys (relative to the store's prefix) of the objects under `rel_prefix`."""
+        import obstore
+
+        out: list[str] = []
+        for batch in obstore.list(self.client, prefix=rel_prefix or None):
+            out.extend(str(meta["path"]) for meta in batch)
+        return sorted(out)
+
     def fetch_dir(self, rel: str, manifest_path: Path, manifest_sha: str) -> Path:
         """`<cache>/dirs/<manifest sha>/manifest.json` with every file the manifest lists beside it."""
         from shared.artifacts import ArtifactDigestError

@@ -45,7 +45,9 @@ class ServiceRuntime:
         self.settings = settings
         self.bus = Bus(settings, service)
         self.instance = self.bus.instance
-        self.store = ArtifactStore(settings.artifacts)
+        # The one construction of a service's store: a directory or s3://bucket/prefix (HELOX_ARTIFACTS),
+        # with its S3 endpoint and credentials (HELOX_S3_*), staging area and cache under the state dir.
+        self.store = ArtifactStore.from_settings(settings)
         self.started_at = datetime.now(UTC)
         self.status: str = "starting"
         self.current_work: str | None = None
@@ -147,7 +149,7 @@ def _redacted(url: str) -> str:
 
 DEV_SECRET_PREFIX = "helox-dev-"
 """The committed development secrets (docker-compose.yml's default Redis passwords, which the
-committed deploy/redis/users.acl holds, and its default signing key) all start with this."""
+committed deploy/redis/users.acl holds, its default signing key and S3 secret) all start with this."""
 ALLOW_DEV_SECRETS = "HELOX_ALLOW_DEV_SECRETS"
 
 
@@ -163,6 +165,9 @@ def refuse_dev_secrets(settings: HeloxSettings, environ: Mapping[str, str] | Non
         found.append("the Redis password in HELOX_REDIS_URL")
     if settings.signing_key and settings.signing_key.get_secret_value().startswith(DEV_SECRET_PREFIX):
         found.append("HELOX_SIGNING_KEY")
+    s3_secret = getattr(settings, "s3_secret_access_key", None)
+    if s3_secret and s3_secret.get_secret_value().startswith(DEV_SECRET_PREFIX):
+        found.append("HELOX_S3_SECRET_ACCESS_KEY")  # deploy/compose.s3.yml's default
     if found:
         raise ConfigError(
             f"{' and '.join(found)} {'is' if len(found) == 1 else 'are'} a committed development default "

@@ -15,19 +15,24 @@ exporter. A checkpoint without one is evaluated with the defaults.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from contracts import ArtifactRef, CheckpointSaved, Envelope, EvaluationCompleted
+from shared.artifacts import ArtifactStore
 from shared.bus import Delivery
 from shared.cancellation import honour_cancellations, is_cancelled
 from shared.logging import get_logger
 from shared.runs import read_run_config, section
+from shared.s3store import MANIFEST_NAME, S3Error
 from shared.service import ServiceRuntime
 
 from .config import EvalConfig
-from .evaluate import evaluation_completed, previous_best_checkpoint, safe_evaluate
+from .evaluate import evaluation_completed, previous_best_checkpoint, read_checkpoint_manifest, safe_evaluate
 
 log = get_logger("helox.evaluator")
 
@@ -56,15 +61,16 @@ async def handle_checkpoint(rt: ServiceRuntime, env: Envelope[CheckpointSaved], 
     out_dir = rt.store.path("evaluations", env.run_id or "no-run", ev.digest[:16])
     try:
         config = await eval_config(rt, ev.run_config, env.run_id)
-        checkpoint_dir = rt.store.resolve(ev.checkpoint.uri).parent
-        manifest = rt.store.path("datasets", ev.dataset_version, "manifest.json")
-    except (ValidationError, ValueError) as exc:
+        # Inputs through the verified cache (s3://) or verified in place (a local store): the
+        # checkpoint's manifest by its digest, every file against the manifest.
+        checkpoint_dir, manifest = await asyncio.to_thread(_inputs, rt.store, ev)
+    except (ValidationError, ValueError, FileNotFoundError, S3Error) as exc:
         report = None
         error = f"{type(exc).__name__}: {exc}"
     else:
         rt.current_work = f"evaluating {env.run_id} step {ev.step}"
         try:
-            previous = await asyncio.to_thread(previous_best_checkpoint, checkpoint_dir)
+            previous = await asyncio.to_thread(previous_best, rt.store, ev.checkpoint, checkpoint_dir)
         except Exception:  # the checkpoint itself is unreadable: the evaluation reports it
             previous = None
         report = await asyncio.to_thread(
@@ -76,6 +82,43 @@ async def handle_checkpoint(rt: ServiceRuntime, env: Envelope[CheckpointSaved], 
     await rt.bus.publish(payload)
     await rt.idempotency.commit(ev.digest, payload.verdict)
     log.info("checkpoint evaluated", step=ev.step, verdict=payload.verdict, metrics=payload.metrics)
+
+
+def _inputs(store: ArtifactStore, ev: CheckpointSaved) -> tuple[Path, Path]:
+    """(checkpoint directory, dataset manifest) as local paths, both verified."""
+    checkpoint_dir = store.open_directory(ev.checkpoint)
+    return checkpoint_dir, store.dataset_manifest(ev.dataset_version)
+
+
+def previous_best(store: ArtifactStore, ref: ArtifactRef, checkpoint_dir: Path) -> Path | None:
+    """The best earlier checkpoint of the same run (lowest finite metric, then latest), opened.
+
+    A local store: the checkpoints beside this one. s3://: the checkpoints under the same
+    `.../checkpoints/` prefix in the bucket (their manifests fetched, the chosen one opened)."""
+    if not store.is_remote:
+        return previous_best_checkpoint(checkpoint_dir)
+    key = store.key(ref.uri)
+    parts = key.split("/")
+    if len(parts) < 3:
+        return None
+    step = int(read_checkpoint_manifest(checkpoint_dir).get("step", 0))
+    parent = "/".join(parts[:-2])
+    scored: list[tuple[float, int, ArtifactRef]] = []
+    for k in store.list_keys(parent):
+        rest = k[len(parent) + 1:].split("/")
+        if len(rest) != 2 or rest[1] != MANIFEST_NAME or not rest[0].startswith("step-") or k == key:
+            continue
+        mref = store.current_ref(k)
+        try:
+            m = json.loads(store.read_verified(mref))
+            s, metric = int(m.get("step", 0)), m.get("metric")
+        except (ValueError, TypeError):
+            continue
+        if s < step and isinstance(metric, (int, float)) and math.isfinite(metric):
+            scored.append((float(metric), -s, mref))
+    if not scored:
+        return None
+    return store.open_directory(min(scored, key=lambda t: (t[0], t[1]))[2])
 
 
 def _completed(rt: ServiceRuntime, ev: CheckpointSaved, report: Any, error: str | None, out_dir: Any) -> EvaluationCompleted:

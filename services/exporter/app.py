@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from contracts import Envelope, EvaluationCompleted, Lineage, ModelReady, RunFailed, TrainingCompleted
+from shared.artifacts import ArtifactDigestError, ArtifactOutsideStoreError
 from shared.bus import Delivery
 from shared.cancellation import honour_cancellations, is_cancelled
 from shared.checkpoint import CheckpointError
@@ -100,12 +101,20 @@ class ExporterService:
     def _export(self, decision: ExportDecision, config: ExportConfig, config_hash: str, run_id: str, key: str,
                 metrics: dict[str, float], retrieval: dict[str, float] | None = None) -> ModelReady:
         store = self.rt.store
-        checkpoint_dir = store.resolve(decision.checkpoint.uri).parent
+        # Inputs through the verified cache (s3://) or verified in place: the checkpoint's manifest
+        # by the digest the event carries, its files and the dataset's against their manifests.
+        try:
+            checkpoint_dir = store.open_directory(decision.checkpoint)
+        except (ArtifactDigestError, ArtifactOutsideStoreError) as exc:
+            raise ExportError(f"checkpoint {decision.checkpoint.uri} unusable: {exc}") from exc
         meta = json.loads((checkpoint_dir / "manifest.json").read_text()).get("meta", {})
         dataset_version = meta.get("dataset_version")
         if not dataset_version:
             raise ExportError(f"{checkpoint_dir} does not name its dataset version; cannot find its tokenizer")
-        dataset_manifest = store.path("datasets", dataset_version, "manifest.json")
+        try:
+            dataset_manifest = store.dataset_manifest(dataset_version)
+        except (ArtifactDigestError, ArtifactOutsideStoreError) as exc:
+            raise ExportError(f"dataset {dataset_version} unusable: {exc}") from exc
         tokenizer = dataset_tokenizer(dataset_manifest)
         result = export_checkpoint(
             checkpoint_dir, tokenizer, None, store.path(config.out_dir), run_id=run_id,

@@ -446,7 +446,10 @@ def model_ready_payload(
             formats[f"{name}_kv"] = ref(entry["kv_cache"])
         for quant, rel in (entry.get("files") or {}).items():
             formats[f"{name}_{quant}"] = ref(rel)
-    manifest_ref = store.ref(result.manifest_path)
+    signature = result.path / SIGNATURE_FILE
+    if store.is_remote and signature.is_file():
+        store.ref(signature)  # the detached signature (not listed in the manifest) goes up before it
+    manifest_ref = store.ref(result.manifest_path)  # s3://: every listed file first, verified; the manifest last
     if lineage is None:
         if "config_hash" not in result.lineage:
             raise ExportError(f"{result.path} is an offline export (no run config hash): ModelReady needs the run's "

@@ -228,7 +228,8 @@ class TrainerService:
         run_config = emitter.meta["run_config"]
         spec = JobSpec(
             train=cfg.model_dump(mode="json"), manifest_path=str(manifest_path), out_dir=str(out_dir), run_id=run_id,
-            resume=resume, work_dir=str(work), artifacts=str(rt.store.root),
+            resume=resume, work_dir=str(work), artifacts=rt.store.spec, state_dir=str(s.state_dir),
+            s3_endpoint_url=s.s3_endpoint_url, s3_region=s.s3_region,
             outbox=OutboxSpec(redis_url=s.redis_url, prefix=rt.bus.prefix, producer=rt.bus.producer,
                               spill_dir=str(Path(s.state_dir) / "outbox" / f"{rt.instance}-job")),
             inbox_key=inbox_key, causation_id=emitter.causation_id, correlation_id=emitter.correlation_id,
@@ -242,7 +243,7 @@ class TrainerService:
         with open(work / "torchrun.log", "ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 *launch_command(cfg.distributed.nproc, spec_path), stdout=out, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True, env=_child_env())  # its own group: the service signals it deliberately
+                start_new_session=True, env=_child_env(s))  # its own group: the service signals it deliberately
         log.info("training job launched", run_id=run_id, nproc=cfg.distributed.nproc, pid=proc.pid, work_dir=str(work))
         self.job = Job(run_id, control)
         rt.current_work = f"training {run_id} on {cfg.distributed.nproc} ranks"
@@ -374,10 +375,17 @@ def launch_command(nproc: int, spec_path: Path) -> list[str]:
             "--max-restarts=0", "--monitor-interval=0.5", "-m", "services.trainer.job_worker", str(spec_path)]
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(settings: Any = None) -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])  # the ranks import services.* whatever the cwd
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    # An s3:// store's credentials, wherever the service's settings got them (env or config file):
+    # in the ranks' environment, never in the spec file.
+    for name in ("s3_access_key_id", "s3_secret_access_key"):
+        value = getattr(settings, name, None)
+        if value is not None:
+            env[f"HELOX_{name.upper()}"] = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+    return env
 
 
 def _kill_group(pid: int) -> None:

@@ -31,6 +31,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import redis
@@ -75,7 +76,10 @@ class JobSpec(BaseModel):
     run_id: str
     resume: str | None = None
     work_dir: str  # RESULT.json, the ranks' pid files
-    artifacts: str
+    artifacts: str  # the store's spec: a directory or s3://bucket/prefix (ArtifactStore.spec)
+    state_dir: str | None = None  # the service's: an s3:// store's staging area and cache
+    s3_endpoint_url: str | None = None  # credentials travel in the ranks' environment (HELOX_S3_*), not here
+    s3_region: str | None = None
     outbox: OutboxSpec | None = None  # None: no bus (benchmarks); metrics only in the logs
     inbox_key: str | None = None
     causation_id: uuid.UUID | None = None
@@ -208,6 +212,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def job_store(spec: JobSpec) -> ArtifactStore:
+    """The service's artifact store, built the way the service built it (ArtifactStore.from_settings):
+    rank 0 publishes checkpoints where the service would, with s3:// references."""
+    settings = SimpleNamespace(artifacts=spec.artifacts, state_dir=spec.state_dir or ".helox/state",
+                               s3_endpoint_url=spec.s3_endpoint_url, s3_region=spec.s3_region)
+    return ArtifactStore.from_settings(settings)
+
+
 def run_rank(spec: JobSpec) -> int:
     """This rank's part of the job; rank 0 writes RESULT.json. Returns the exit status."""
     from .emitter import BusEmitter
@@ -234,7 +246,7 @@ def run_rank(spec: JobSpec) -> int:
         meta = {**spec.meta, "run_config": ArtifactRef.model_validate(spec.meta["run_config"])
                 if spec.meta.get("run_config") else None}
         assert spec.causation_id is not None and spec.correlation_id is not None
-        emitter = BusEmitter(outbox, ArtifactStore(spec.artifacts), spec.run_id, meta,
+        emitter = BusEmitter(outbox, job_store(spec), spec.run_id, meta,
                              causation_id=spec.causation_id, correlation_id=spec.correlation_id)
     body: dict[str, Any]
     try:
