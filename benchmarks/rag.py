@@ -44,13 +44,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from contracts import RetrievalQuery
-from shared.retrieval.packing import Layout, pack_record
 from services.data_prep.pipeline import PrepareResult, prepare_dataset
 from services.data_prep.tokenizer import load_tokenizer
 from shared.artifacts import ArtifactStore
 from shared.data.config import DataPrepConfig, data_prep_config
 from shared.retrieval import LocalIndex
 from shared.retrieval.local import tokenize_queries
+from shared.retrieval.packing import Layout, pack_record
 
 TARGET_RATIO = 0.8
 

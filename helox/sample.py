@@ -290,9 +290,9 @@ def rag_prompt_ids(sp: spm.SentencePieceProcessor, template: dict[str, Any], ind
     retrieves (rank order, k of the template), within the template's context budget. Returns
     (ids, chunks used)."""
     from contracts import RetrievalQuery
-    from shared.retrieval.packing import Layout, pack_record
     from shared.data.manifest import MASK_PAD
     from shared.retrieval import LocalIndex, LocalIndexError
+    from shared.retrieval.packing import Layout, pack_record
 
     markers = [template["chunk_open"], template["chunk_close"], template["doc_marker"]]
     ids = [sp.piece_to_id(m) for m in markers]

@@ -35,9 +35,9 @@ from shared.bus.admin import decode_entry
 from shared.config import HeloxSettings
 from shared.logging import get_logger
 from shared.redis_server import RedisServer
+from shared.s3store import S3Location, is_s3_root
 
 from .errors import CliError
-from shared.s3store import S3Location, is_s3_root
 
 log = get_logger("helox.stack")
 

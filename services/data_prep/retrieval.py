@@ -35,7 +35,6 @@ import sentencepiece as spm
 
 from contracts import RetrievalFallback, RetrievalQuery, RetrievedChunk, RetrieverHeartbeat
 from services.data_prep.ingest import Document
-from shared.retrieval.packing import KIND_NAMES, Layout, PackedShardWriter, base_windows, pack_record
 from services.data_prep.sharding import is_validation
 from services.data_prep.tokenizer import EOS_ID, PAD_ID, user_defined_ids
 from shared.artifacts import atomic_write_bytes, sha256_bytes
@@ -50,6 +49,7 @@ from shared.retrieval import (
     SynapseRetriever,
     find_retriever,
 )
+from shared.retrieval.packing import KIND_NAMES, Layout, PackedShardWriter, base_windows, pack_record
 
 log = get_logger("helox.data_prep.retrieval")
 

@@ -16,8 +16,8 @@ import redis
 
 from contracts import Producer, RetrieverHeartbeat, topic_for
 from contracts.codec import decode, envelope
-from helox.stack import CYREX_READY_ENV, CyrexNotReadyError, LocalStack, cyrex_ready_timeout
 from helox.errors import CliError
+from helox.stack import CYREX_READY_ENV, CyrexNotReadyError, LocalStack, cyrex_ready_timeout
 from shared.bus.wire import encode_entry, read_entry
 
 REPO = Path(__file__).resolve().parents[2]
