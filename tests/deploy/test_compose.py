@@ -27,7 +27,7 @@ REDIS_PORT_OVERRIDE = REPO / "deploy" / "compose.redis-port.yml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 TORCH_PIN = "torch==2.13.0"
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
-TOOLS = {"cli": "tools", "cyrex": "cyrex", "trainer-gpu": "gpu"}
+TOOLS = {"cli": "tools", "cyrex": "cyrex", "trainer-gpu": "gpu", "objectstore": "s3"}
 """Services outside the default stack, and the profile each belongs to."""
 NOT_SETTINGS = {"HELOX_ALLOW_DEV_SECRETS"}
 """HELOX_* variables that are read at start-up (shared.service), not HeloxSettings fields."""
