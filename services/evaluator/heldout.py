@@ -207,10 +207,13 @@ def heldout_metrics(
 
 
 def sample_sequences(manifest_path: str | Path, n: int, seq_len: int) -> torch.Tensor:
-    """n validation windows of seq_len tokens [n, seq_len] (fully real tokens), for parity checks."""
+    """n validation windows of seq_len tokens [n, seq_len] (fully real tokens), for parity checks.
+    In a RAG-packed dataset retrieved context is real text though its loss weight is 0: there a
+    window counts when none of it is padding (token_kind), not when every label has weight 1."""
     rows: list[torch.Tensor] = []
     for _, batch in validation_batches(manifest_file(manifest_path), n, seq_len):
-        full = batch.loss_mask.sum(-1) == seq_len
+        real = batch.token_kind != 0 if batch.token_kind is not None else batch.loss_mask > 0
+        full = real.all(-1)
         rows.extend(batch.input_ids[full])
         if len(rows) >= n:
             break

@@ -179,3 +179,22 @@ def test_the_version_follows_the_rag_settings_and_the_index_is_verified(corpus_r
     again = prepare(corpus_root, rag_config())
     assert again.status.startswith("rebuilt") and "chunks.jsonl" in again.status
     assert verify_dataset(again.manifest_path).ok
+
+
+def test_parity_samples_of_a_packed_dataset_are_windows_without_padding(corpus_root: Path) -> None:
+    """Retrieved context weighs 0 in the loss but is real text: the evaluator's parity checks take
+    packed windows that hold no padding (they used to demand every label's weight be 1, which no
+    window with retrieved context meets, and failed every RAG run whose windows all had chunks)."""
+    from services.evaluator.heldout import sample_sequences
+
+    result = prepare(corpus_root, rag_config())
+    seq_len = result.manifest.rag.seq_len
+    rows = sample_sequences(result.manifest_path, 4, seq_len)
+    assert rows.shape[0] >= 2 and rows.shape[1] == seq_len
+    windows = {tuple(tok[:seq_len].tolist()): kind[1:seq_len + 1] for tok, kind in records(result, "val")}
+    with_context = 0
+    for row in rows.tolist():
+        kind = windows[tuple(row)]
+        assert (kind != MASK_PAD).all()
+        with_context += bool((kind == MASK_CONTEXT).any())
+    assert with_context > 0, "no sampled window held retrieved context: the test would not see the bug"
