@@ -205,6 +205,7 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig
             return 1
         if isinstance(p, terminal) and (not isinstance(p, EvaluationCompleted) or p.is_final):
             _summary(seen, run_id, ok=True)
+            _show_rag(seen, settings)
             if isinstance(p, ModelReady):
                 _show_model(p, settings)
                 ckpt = seen.get("CheckpointSaved")
@@ -319,6 +320,29 @@ def export_dir_of(ready: ModelReady) -> Path:
     if parsed.scheme != "file":
         raise ValueError(f"the export manifest {ready.manifest.uri!r} is not a local file")
     return Path(unquote(parsed.path)).parent
+
+
+def _show_rag(seen: dict[str, Envelope[Any]], settings: HeloxSettings) -> None:
+    """For a RAG-packed run: which retriever served the windows (and any fallback), and the last
+    evaluation's retrieval gain against the random-context control."""
+    ready = seen.get("DatasetReady")
+    if ready is not None:
+        try:
+            from shared.data.manifest import load_manifest
+
+            rag = load_manifest(ArtifactStore(settings.artifacts).resolve(ready.payload.manifest.uri)).rag
+        except Exception:  # a courtesy line; the run has already succeeded
+            rag = None
+        if rag is not None:
+            served = ", ".join(f"{k} {v:,}" for k, v in rag.queries_by_retriever.items())
+            console.print(f"  retrieval: {rag.retriever} (queries answered: {served}; "
+                          f"{len(rag.fallbacks)} fallback(s))", highlight=False)
+    ev = seen.get("EvaluationCompleted")
+    gain = ev.payload.retrieval if ev is not None else None
+    if gain and {"gain", "gain_bpb", "control_gain", "control_gain_bpb"} <= set(gain):
+        console.print(f"  retrieval gain (step {ev.payload.step}): {gain['gain']:+.4f} nats/token "
+                      f"({gain['gain_bpb']:+.4f} bits/byte) vs random-context control {gain['control_gain']:+.4f} "
+                      f"({gain['control_gain_bpb']:+.4f})", highlight=False)
 
 
 def _show_model(ready: ModelReady, settings: HeloxSettings) -> None:

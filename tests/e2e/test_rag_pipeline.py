@@ -63,6 +63,11 @@ def test_helox_run_with_cyrex_packs_through_cyrex_and_publishes_a_rag_model(tmp_
         final = evals[-1].payload.retrieval
         assert {"gain", "control_gain", "gain_bpb", "control_gain_bpb"} <= set(final), final
         assert abs(final["gain"] - (final["loss_without"] - final["loss_with"])) < 1e-9
+        # What the user is told: the retriever that served and the gain against the control.
+        assert f"retrieval: {rag.retriever} (queries answered: {rag.retriever} " in out.stdout
+        assert "0 fallback(s)" in out.stdout
+        assert f"retrieval gain (step {evals[-1].payload.step}): {final['gain']:+.4f} nats/token" in out.stdout
+        assert f"vs random-context control {final['control_gain']:+.4f}" in out.stdout
         assert final["base_tokens"] > 0
 
         (model,) = read_all(client, ModelReady)
