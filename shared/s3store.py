@@ -323,30 +323,16 @@ class S3Backend:
         dest = self.cache_path(sha256)
         if dest.is_file() and (size is None or dest.stat().st_size == size):
             return dest
-        import obstore
 
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{sha256[:16]}.", suffix=".part")
         try:
-            h = hashlib.sha256()
-            n = 0
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    stream = obstore.get(self.client, rel).stream(min_chunk_size=_CHUNK)
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"artifact {self.location.uri_of(rel)} does not exist") from None
-                for chunk in stream:
-                    f.write(chunk)
-                    h.update(chunk)
-                    n += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            self.downloads += 1
+            digest, n = self._download(rel, fd)
             uri = self.location.uri_of(rel)
             if size is not None and n != size:
                 raise ArtifactDigestError(f"{uri}: size {n} != {size} in its reference")
-            if h.hexdigest() != sha256:
-                raise ArtifactDigestError(f"{uri}: sha256 {h.hexdigest()} != {sha256} in its reference")
+            if digest != sha256:
+                raise ArtifactDigestError(f"{uri}: sha256 {digest} != {sha256} in its reference")
             os.chmod(tmp, 0o444)
             os.replace(tmp, dest)  # concurrent fetches of the same digest: same bytes, last rename wins
         except BaseException:
@@ -354,30 +340,34 @@ class S3Backend:
             raise
         return dest
 
+    def _download(self, rel: str, fd: int) -> tuple[str, int]:
+        """Stream object `rel` into the open temporary file `fd` (closed, fsynced): (sha256, size)."""
+        import obstore
+
+        h = hashlib.sha256()
+        n = 0
+        with os.fdopen(fd, "wb") as f:
+            try:
+                stream = obstore.get(self.client, rel).stream(min_chunk_size=_CHUNK)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"artifact {self.location.uri_of(rel)} does not exist") from None
+            for chunk in stream:
+                f.write(chunk)
+                h.update(chunk)
+                n += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        self.downloads += 1
+        return h.hexdigest(), n
+
     def fetch_current(self, rel: str) -> tuple[Path, str, int]:
         """Download object `rel` as the server holds it now (no digest known beforehand) into the
         content-addressed cache: (cached path, sha256, size). For a manifest found by its name
         (a dataset version's); the files it lists are then verified against it."""
-        import obstore
-
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".current.", suffix=".part")
         try:
-            h = hashlib.sha256()
-            n = 0
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    stream = obstore.get(self.client, rel).stream(min_chunk_size=_CHUNK)
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"artifact {self.location.uri_of(rel)} does not exist") from None
-                for chunk in stream:
-                    f.write(chunk)
-                    h.update(chunk)
-                    n += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            self.downloads += 1
-            digest = h.hexdigest()
+            digest, n = self._download(rel, fd)
             dest = self.cache_path(digest)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)
