@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.model import KVCache
+from shared.model.agreement import decided_agreement
 
 from .config import ParityConfig
 
@@ -86,19 +87,6 @@ def _timed(fn: Any, *args: Any, repeats: int = 3) -> tuple[Any, float]:
         out = fn(*args)
         best = min(best, time.perf_counter() - t0)
     return out, best
-
-
-def decided_agreement(ref: torch.Tensor, other: torch.Tensor, margin: float) -> Numbers:
-    """Top-1 agreement of `other` with `ref` (logits [..., V]) at the positions where ref's top-1 leads
-    its runner-up by at least `margin` nats of log-probability (None when there is none), with the
-    count and fraction of those positions and the agreement over every position."""
-    same = ref.argmax(-1) == other.argmax(-1)
-    top2 = ref.float().log_softmax(-1).topk(2, dim=-1).values
-    decided = (top2[..., 0] - top2[..., 1]) >= margin
-    n = int(decided.sum())
-    return {"top1_agreement": float(same[decided].float().mean()) if n else None, "decided_margin": margin,
-            "decided_positions": n, "decided_fraction": n / same.numel(),
-            "top1_agreement_all": float(same.float().mean())}
 
 
 @torch.inference_mode()

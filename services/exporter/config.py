@@ -38,7 +38,15 @@ class ParityConfig(FrozenStrictModel):
                                  "(the weights' own error; the stock load's f16 KV cache adds ~3e-4).")
     gguf_min_top1_quantized: float = Field(default=0.8, ge=0.0, le=1.0,
                                            description="Top-1 agreement required of the bf16 and q8_0 GGUF files "
-                                           "(f32 and f16 must agree everywhere).")
+                                           "at the positions PyTorch decided (see gguf_decided_margin).")
+    gguf_decided_margin: float = Field(default=0.25, ge=0.0,
+                                       description="For bf16 and q8_0: top-1 is compared where PyTorch's top-1 leads "
+                                       "its runner-up by at least this many nats (near-ties flip under any rounding "
+                                       "at no cost in probability); 0: every position.")
+    gguf_tie_margin: float = Field(default=0.01, ge=0.0,
+                                   description="For f32 and f16, which must agree on every top-1: positions whose "
+                                   "top two are within this many nats (ties the stock f16 KV cache can flip) are "
+                                   "left out; 0: every position.")
     batch: int = Field(default=2, ge=1, description="Rows of the parity batch.")
     seq_len: int = Field(default=16, ge=2, description="Tokens per row of the parity batch.")
     max_new_tokens: int = Field(default=12, ge=1, description="Greedy tokens compared for the HF export.")

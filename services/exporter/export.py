@@ -398,7 +398,8 @@ def _write_formats(root: Path, wanted: list[str], model: Llama, state: dict[str,
                 parity[fmt] = onnx_export.check_onnx(root / "onnx", model, inputs, atol=p.atol)
             elif fmt == "gguf":
                 parity[fmt] = gguf_export.check_gguf(root / "gguf", model, tokenizer_path, f32_atol=p.gguf_f32_atol,
-                                                     min_top1_quantized=p.gguf_min_top1_quantized)
+                                                     min_top1_quantized=p.gguf_min_top1_quantized,
+                                                     decided_margin=p.gguf_decided_margin, tie_margin=p.gguf_tie_margin)
             elif fmt == "tensorrt":
                 parity[fmt] = tensorrt.check_tensorrt(root / "tensorrt", model, inputs)
         timings[f"{fmt}.parity"] = time.perf_counter() - t

@@ -244,6 +244,50 @@ def test_the_watermark_survives_into_the_hf_and_every_gguf_file(export_result, t
         assert res.detected and res.z > 20, (quant, res)
 
 
+def test_gguf_top1_is_judged_where_pytorch_decided(trained, tmp_path, monkeypatch):
+    """A flipped near-tie passes every type; a flipped decided position fails f16 (which must agree
+    there) and, past min_top1_quantized, q8_0. Logits stand in for llama.cpp's: PyTorch's own, edited."""
+    import sentencepiece as spm
+
+    model = trained_model(trained)
+    sp = spm.SentencePieceProcessor(model_file=str(trained.tokenizer))
+    prompts = [sp.encode(t)[: model.config.max_seq_len] for t in gguf_export.PARITY_TEXTS]
+    with torch.no_grad():
+        refs = [model(torch.tensor([p]))[0] for p in prompts]
+    flat = torch.cat(refs)
+    top2 = flat.log_softmax(-1).topk(2, dim=-1).values
+    lead = (top2[:, 0] - top2[:, 1]).numpy()
+    tie, decided = int(lead.argmin()), int(lead.argmax())
+    assert lead[tie] < 0.25 <= lead[decided]
+    sizes = [len(r) for r in refs]
+
+    def llama_cpp_with_flips(positions):
+        got = flat.clone()
+        for pos in positions:
+            first, second = got[pos].topk(2).indices
+            got[pos, second] = got[pos, first] + 1e-3  # the runner-up now leads
+        parts = [g.numpy() for g in got.split(sizes)]
+        return lambda file, p, texts, exact_kv=False: (parts, [sp.encode(t) for t in texts], "test")
+
+    for f in ("model-f16.gguf", "model-q8_0.gguf"):
+        (tmp_path / f).write_bytes(b"")
+    monkeypatch.setattr(gguf_export, "llama_cpp_missing", lambda: None)
+    tie_margin = float(lead[tie]) + 1e-6  # this tie is left out of f16's count
+    for flips, f16_ok in (([], True), ([tie], True), ([decided], False)):
+        monkeypatch.setattr(gguf_export, "llama_cpp_logits", llama_cpp_with_flips(flips))
+        res = gguf_export.check_gguf(tmp_path, model, trained.tokenizer, min_top1_quantized=0.8,
+                                     decided_margin=0.25, tie_margin=tie_margin)
+        assert res["f16"]["passed"] is f16_ok and res["q8_0"]["passed"] is True, (flips, res)
+        assert res["f16"]["top1_agreement_all"] == pytest.approx(1 - len(flips) / len(lead))
+    # q8_0 fails once flips at decided positions exceed 1 - min_top1_quantized of them.
+    n_decided = int((lead >= 0.25).sum())
+    many = [int(i) for i in (-lead).argsort()[: n_decided // 4 + 1]]
+    monkeypatch.setattr(gguf_export, "llama_cpp_logits", llama_cpp_with_flips(many))
+    res = gguf_export.check_gguf(tmp_path, model, trained.tokenizer, min_top1_quantized=0.8)
+    assert res["q8_0"]["passed"] is False and res["passed"] is False
+    assert res["q8_0"]["top1_agreement"] == pytest.approx(1 - len(many) / n_decided)
+
+
 @needs_llama_cpp
 def test_llama_cpp_parity_catches_a_missing_rope_permutation(trained, tmp_path, monkeypatch):
     model = trained_model(trained)
