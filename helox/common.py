@@ -90,10 +90,72 @@ def manifest_path(cfg: HeloxSettings, version: str) -> Path:
     candidate = Path(version)
     if candidate.exists():
         return candidate / "manifest.json" if candidate.is_dir() else candidate
-    path = ArtifactStore(cfg.artifacts).path("datasets", version, "manifest.json")
+    store = ArtifactStore.from_settings(cfg)
+    if store.is_remote:  # s3://: the verified copy in the local cache, its files checked against it
+        try:
+            return store.dataset_manifest(version)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CliError(f"no dataset {version!r} in {cfg.artifacts}: {exc}") from exc
+    path = store.path("datasets", version, "manifest.json")
     if not path.exists():
         raise CliError(f"no dataset {version!r} in {cfg.artifacts} (looked for {path})")
     return path
+
+
+def checkpoint_dataset_manifest(cfg: HeloxSettings, checkpoint: str | Path) -> Path:
+    """The manifest of the dataset a trainer checkpoint was trained on (its meta.dataset_version),
+    from the configured artifact store (s3:// included)."""
+    from services.evaluator.evaluate import read_checkpoint_manifest
+
+    try:
+        version = read_checkpoint_manifest(checkpoint).get("meta", {}).get("dataset_version")
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{checkpoint}: {exc}") from exc
+    if not version:
+        raise CliError(f"{checkpoint} names no dataset_version in its manifest meta; pass the dataset")
+    return manifest_path(cfg, version)
+
+
+def s3_directory(store: Any, manifest: Any) -> Path:
+    """A directory artifact in an s3:// store as a local directory, given its manifest.json
+    reference: every file it lists, from the verified cache; for an export, its detached
+    signature.json (published beside the manifest, not listed in it) too, so the export verifies
+    as it does on disk. The cached directory is shared and keyed by the manifest alone: the
+    signed view is a directory of links beside it."""
+    import shutil
+    import uuid
+
+    cached = store.open_directory(manifest)
+    base = store.key(manifest.uri).rpartition("/")[0]
+    try:
+        sig_ref = store.current_ref(f"{base}/signature.json" if base else "signature.json")
+    except FileNotFoundError:
+        return cached  # not an export: a checkpoint, a dataset
+    signature = store.open_verified(sig_ref)
+    view = cached.parent.parent / "views" / f"{manifest.sha256}-{sig_ref.sha256[:16]}"
+    if (view / "signature.json").is_file():
+        return view
+    tmp = view.parent / f".{view.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        for src in sorted(cached.rglob("*")):
+            dst = tmp / src.relative_to(cached)
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        shutil.copyfile(signature, tmp / "signature.json")
+        try:
+            os.rename(tmp, view)
+        except OSError:
+            if not (view / "signature.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return view
 
 
 def signing_key(cfg: HeloxSettings) -> str:

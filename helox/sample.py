@@ -216,11 +216,14 @@ def open_export(export_dir: str | Path, signing_key: str | bytes | None, fmt: st
                   f"gguf {files[kind]}", export_dir)
 
 
-def open_checkpoint(checkpoint_dir: str | Path, artifacts_root: str | Path, tokenizer: Path | None = None) -> Opened:
-    """A trainer checkpoint (verified against its digests), native; the tokenizer of its dataset."""
-    from services.evaluator.evaluate import dataset_manifest_for
+def open_checkpoint(checkpoint_dir: str | Path, settings: Any, tokenizer: Path | None = None) -> Opened:
+    """A trainer checkpoint (verified against its digests), native; the tokenizer of its dataset
+    (found in the artifact store `settings` names, s3:// included)."""
     from services.evaluator.heldout import dataset_tokenizer
     from shared.checkpoint import CheckpointError, load_model
+
+    from .common import checkpoint_dataset_manifest
+    from .errors import CliError
 
     try:
         model, _cfg = load_model(checkpoint_dir)
@@ -230,8 +233,8 @@ def open_checkpoint(checkpoint_dir: str | Path, artifacts_root: str | Path, toke
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     else:
         try:
-            sp = dataset_tokenizer(dataset_manifest_for(checkpoint_dir, artifacts_root))
-        except (OSError, ValueError, KeyError) as exc:
+            sp = dataset_tokenizer(checkpoint_dataset_manifest(settings, checkpoint_dir))
+        except (OSError, ValueError, KeyError, CliError) as exc:
             raise SampleError(f"no tokenizer for {checkpoint_dir}: {exc}; pass --tokenizer") from exc
     return Opened(NativeDecoder(model), sp, "native checkpoint")
 

@@ -13,8 +13,30 @@ from .. import common
 from ..common import err
 
 
+def local_model_dir(location: str, settings: common.HeloxSettings) -> Path:
+    """MODEL as a local directory: a path as given; an s3:// URI of an export or checkpoint in the
+    artifact store (its directory or its manifest.json) downloaded into the verified cache."""
+    from ..sample import SampleError
+
+    if not location.startswith("s3://"):
+        return Path(location)
+    from shared.artifacts import ArtifactDigestError, ArtifactOutsideStoreError, ArtifactStore
+
+    store = ArtifactStore.from_settings(settings)
+    try:
+        if not store.is_remote:
+            raise ArtifactOutsideStoreError(f"{location!r}: the artifact store is {settings.artifacts}, not s3://")
+        key = store.key(location).rstrip("/")
+        if not key.endswith("/manifest.json") and key != "manifest.json":
+            key += "/manifest.json"
+        return common.s3_directory(store, store.current_ref(key))
+    except (ArtifactOutsideStoreError, ArtifactDigestError, FileNotFoundError) as exc:
+        raise SampleError(f"{location}: {exc}") from exc
+
+
 def generate(
-    model: Annotated[Path, typer.Argument(help="An export directory (manifest.json) or a trainer checkpoint directory.")],
+    location: Annotated[str, typer.Argument(metavar="MODEL", help="An export directory (manifest.json) or a trainer checkpoint directory; "
+                                              "s3://… inside the artifact store: fetched and verified first.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most (EOS stops earlier).")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.8,
@@ -34,12 +56,13 @@ def generate(
 
     settings = common.settings()
     try:
+        model = local_model_dir(location, settings)
         if is_export(model):
             opened = open_export(model, common.signing_key(settings), format, warn=err.print)
         elif (model / "manifest.json").is_file():
             if format != "native":
                 raise SampleError(f"{model} is a checkpoint: only --format native applies (export it for {format})")
-            opened = open_checkpoint(model, settings.artifacts, tokenizer)
+            opened = open_checkpoint(model, settings, tokenizer)
         else:
             raise SampleError(f"{model} is neither an export nor a checkpoint directory (no manifest.json)")
         prompt_ids = None

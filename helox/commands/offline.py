@@ -110,10 +110,8 @@ def train(
 
 def _dataset_of(checkpoint: Path, dataset: str | None) -> Path:
     """The dataset manifest given, else the one the checkpoint was trained on."""
-    from services.evaluator.evaluate import dataset_manifest_for
-
     settings = common.settings()
-    return common.manifest_path(settings, dataset) if dataset else dataset_manifest_for(checkpoint, settings.artifacts)
+    return common.manifest_path(settings, dataset) if dataset else common.checkpoint_dataset_manifest(settings, checkpoint)
 
 
 def eval_cmd(

@@ -157,7 +157,7 @@ def _run_and_follow(client: redis.Redis, settings: HeloxSettings, cfg: RunConfig
     follower = follow(client, lifecycle, start="$", notice=common.notice)
     next(follower)  # pin the start position before publishing
     # The validated config goes to the store once; every event of the run references that file.
-    run_config = write_run_config(ArtifactStore(settings.artifacts), run_id, cfg.pipeline_config())
+    run_config = write_run_config(ArtifactStore.from_settings(settings), run_id, cfg.pipeline_config())
     request = envelope(
         RunRequested(name=cfg.name, stages=cfg.stages, config=cfg.pipeline_config(), config_hash=cfg.config_hash(),
                      run_config=run_config),
@@ -314,11 +314,14 @@ def _summary(seen: dict[str, Envelope[Any]], run_id: str, *, ok: bool) -> None:
     console.print(table)
 
 
-def export_dir_of(ready: ModelReady) -> Path:
-    """The local export directory of a ModelReady event (its manifest's directory)."""
+def export_dir_of(ready: ModelReady, store: ArtifactStore) -> Path:
+    """The local export directory of a ModelReady event: its manifest's directory (s3://: the
+    verified copy in this machine's artifact cache, every file checked against the manifest)."""
+    if ready.manifest.uri.startswith("s3://"):
+        return common.s3_directory(store, ready.manifest)
     parsed = urlparse(ready.manifest.uri)
     if parsed.scheme != "file":
-        raise ValueError(f"the export manifest {ready.manifest.uri!r} is not a local file")
+        raise ValueError(f"the export manifest {ready.manifest.uri!r} is neither file:// nor s3://")
     return Path(unquote(parsed.path)).parent
 
 
@@ -330,7 +333,7 @@ def _show_rag(seen: dict[str, Envelope[Any]], settings: HeloxSettings) -> None:
         try:
             from shared.data.manifest import load_manifest
 
-            rag = load_manifest(ArtifactStore(settings.artifacts).resolve(ready.payload.manifest.uri)).rag
+            rag = load_manifest(ArtifactStore.from_settings(settings).open_verified(ready.payload.manifest)).rag
         except Exception:  # a courtesy line; the run has already succeeded
             rag = None
         if rag is not None:
@@ -356,7 +359,7 @@ def _show_model(ready: ModelReady, settings: HeloxSettings) -> None:
     from ..sample import RUN_SAMPLING, sample_from_export
 
     try:
-        sample = sample_from_export(export_dir_of(ready), common.signing_key(settings), SAMPLE_PROMPT,
+        sample = sample_from_export(export_dir_of(ready, ArtifactStore.from_settings(settings)), common.signing_key(settings), SAMPLE_PROMPT,
                                     max_new_tokens=SAMPLE_TOKENS)
     except Exception as exc:  # the run succeeded; a sample is a courtesy
         err.print(f"[yellow]could not sample from the export: {exc}[/yellow]", soft_wrap=True)

@@ -145,7 +145,7 @@ def finish(proc: subprocess.Popen[str], stack: SplitStack, timeout: float = 600)
         proc.kill()
         stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:] + stack.logs()
-    return stdout
+    return stdout + "\n--- stderr\n" + stderr
 
 
 def check_everything_is_in_the_bucket(stack: SplitStack, tmp: Path, weed: Weed, prefix: str) -> dict[str, Any]:
@@ -177,8 +177,9 @@ def test_helox_run_on_seaweedfs_reaches_model_ready_with_s3_refs(tmp_path: Path,
     stack = SplitStack(tmp_path, s3_env(tmp_path, weed, prefix))
     try:
         t0 = time.monotonic()
-        finish(stack.run(config), stack)
+        out = finish(stack.run(config), stack)
         print(f"helox run on s3: {time.monotonic() - t0:.1f}s")
+        assert "  sample ('" in out, out[-2000:]  # sampled from the export, fetched from the bucket
         seen = check_everything_is_in_the_bucket(stack, tmp_path, weed, prefix)
         events = seen["events"]
         (ready,) = events[ModelReady]
@@ -194,6 +195,16 @@ def test_helox_run_on_seaweedfs_reaches_model_ready_with_s3_refs(tmp_path: Path,
             assert (judge_cache / c.payload.digest / "model.safetensors").is_file(), c.payload.step
         staged = stack.judge_state / "artifacts-s3" / BUCKET / prefix
         assert not (staged / "runs").exists() and not (staged / "datasets").exists()
+
+        # `helox generate s3://…`: the export fetched into the verified cache, then sampled.
+        def generate(model: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*HELOX, "generate", model, "--prompt", "def ", "--max-tokens", "8"], env=stack.env,
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=180)
+
+        gen = generate(ready.payload.manifest.uri.removesuffix("/manifest.json"))
+        assert gen.returncode == 0 and gen.stdout.startswith("def ") and len(gen.stdout) > len("def \n"), gen.stderr
+        gen = generate(f"s3://{BUCKET}/elsewhere/exports/x")
+        assert gen.returncode == 1 and "outside the artifact store" in gen.stderr, gen.stderr
 
         # A checkpoint reference outside the store's bucket/prefix is refused, saying so.
         digest = "e" * 64
