@@ -49,7 +49,8 @@ DOCKER_SETUP ?= ../shared/tools/docker-standins.sh
 test-deploy: install
 	@deploy/docker-ready.sh "$(DOCKER_SETUP)"; rc=$$?; \
 	if [ $$rc = 3 ]; then exit 0; elif [ $$rc != 0 ]; then exit $$rc; fi; \
-	$(BIN)/python -m tests.deploy.compose_live $(DEPLOY_ARGS)
+	$(BIN)/python -m tests.deploy.compose_live $(DEPLOY_ARGS) && \
+	$(BIN)/python -m tests.deploy.compose_live --s3 $(DEPLOY_ARGS)
 
 bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -4,11 +4,15 @@ Build the image, `compose up -d --scale evaluator=2` (+ the reference Cyrex, + R
 port), wait for every healthcheck, check that a service refuses the development secrets, submit
 a run through the `cli` service, SIGKILL the evaluator container that is judging a checkpoint,
 and expect ModelReady, every checkpoint judged exactly once and Cyrex answering; `compose down -v`.
+With --s3 the same on the S3 setup instead (deploy/compose.s3.yml and the `objectstore` service,
+profile s3, on generated keys): every reference the run published is s3:// in the bucket, and
+`helox generate s3://…` in a fresh cli container runs the export fetched from it. The reference
+Cyrex reads exports from a local path, so it is not part of that setup.
 
 The stack runs on freshly generated secrets (an ACL file from `deploy/acl.py --from-env`), the
 production path: nothing here sets HELOX_ALLOW_DEV_SECRETS.
 
-    python -m tests.deploy.compose_live [--config tests/deploy/compose-demo.yaml] [--keep]
+    python -m tests.deploy.compose_live [--config tests/deploy/compose-demo.yaml] [--s3] [--keep]
 
 Exit 0: passed, or skipped (printed) where Docker cannot run; 1: failed (with the logs of the
 service that failed). Not collected by pytest (the regular suite needs no Docker).
@@ -92,16 +96,26 @@ def torch_index() -> str:
         return ""
 
 
-class Deployment:
-    """One compose project with generated secrets."""
+S3_SERVICES = ("redis", "objectstore", "data-prep", "trainer", "health-monitor", "evaluator", "exporter")
+S3_FILES = ("-f", str(REPO / "deploy" / "compose.s3.yml"))
+S3_PROFILES = ("--profile", "s3", "--profile", "tools")
+S3_BUCKET, S3_PREFIX = "helox-deploytest", "artifacts"
 
-    def __init__(self, compose: list[str], workdir: Path) -> None:
+
+class Deployment:
+    """One compose project with generated secrets (--s3: the S3 setup, with generated keys too)."""
+
+    def __init__(self, compose: list[str], workdir: Path, *, s3: bool = False) -> None:
+        self.s3 = s3
+        self.services = S3_SERVICES if s3 else SERVICES
         # One torch/OpenMP thread per process: six Python services share the host's cores (as in
         # tests/e2e); oversubscribed OpenMP threads slow to a crawl on a busy machine.
         override = workdir / "compose.test.yml"
         override.write_text(json.dumps({"services": {name: {"environment": {"OMP_NUM_THREADS": "1"}}
-                                                     for name in SERVICES if name != "redis"}}))
-        self.compose = [*compose, "-p", PROJECT, *FILES, "-f", str(override), *PROFILES]
+                                                     for name in self.services
+                                                     if name not in ("redis", "objectstore")}}))
+        files = (*FILES, *S3_FILES) if s3 else FILES
+        self.compose = [*compose, "-p", PROJECT, *files, "-f", str(override), *(S3_PROFILES if s3 else PROFILES)]
         self.workdir = workdir
         self.redis_port = free_port()
         acl = _acl_module()
@@ -120,6 +134,9 @@ class Deployment:
             HELOX_IMAGE_TAG=IMAGE_TAG,
             HELOX_TORCH_INDEX_URL=torch_index(),
         )
+        if s3:
+            self.env.update(HELOX_S3_BUCKET=S3_BUCKET, HELOX_S3_PREFIX=S3_PREFIX,
+                            HELOX_S3_ACCESS_KEY_ID="deploytest", HELOX_S3_SECRET_ACCESS_KEY=secrets.token_urlsafe(24))
         self._admin: redis.Redis | None = None
 
     def run(self, *args: str, timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -178,7 +195,7 @@ def wait_healthy(dep: Deployment) -> None:
     deadline = time.monotonic() + HEALTHY_TIMEOUT_S
     while True:
         states = {}
-        for service in SERVICES:
+        for service in dep.services:
             ids = dep.container_ids(service)
             want = EVALUATORS if service == "evaluator" else 1
             if len(ids) != want:
@@ -344,6 +361,23 @@ def check_cyrex(dep: Deployment, ready: ModelReady) -> None:
     outside.close()
 
 
+def check_s3(dep: Deployment, ready: ModelReady, run_id: str) -> None:
+    """Every reference the run published lies in the bucket, none on a local path; a fresh cli
+    container (an empty cache) runs the export straight from the bucket, verified."""
+    root = f"s3://{S3_BUCKET}/{S3_PREFIX}/"
+    uris = [r.uri for r in (ready.manifest, *ready.formats.values())]
+    uris += [e.payload.checkpoint.uri for e in dep.events(CheckpointSaved, run_id)]
+    outside = [u for u in uris if not u.startswith(root)]
+    if outside:
+        raise DeployTestFailed(f"references outside {root}: {outside}", "trainer", "exporter")
+    out = dep.run("run", "--rm", "-T", "cli", "helox", "generate", ready.manifest.uri, "--prompt", "def ",
+                  "--max-tokens", "16", timeout=300, check=False)
+    if out.returncode != 0 or not out.stdout.startswith("def "):
+        raise DeployTestFailed(f"`helox generate {ready.manifest.uri}` in the cli container failed "
+                               f"(exit {out.returncode}):\n{(out.stdout + out.stderr)[-2000:]}", "objectstore")
+    log(f"{len(uris)} references, all under {root}; helox generate from the bucket: {out.stdout.strip()[:80]!r}")
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else ""
 
@@ -352,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.deploy.compose_live", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=REPO / "tests" / "deploy" / "compose-demo.yaml")
     ap.add_argument("--keep", action="store_true", help="leave the stack running (and its volumes)")
+    ap.add_argument("--s3", action="store_true", help="the S3 setup: deploy/compose.s3.yml + the objectstore service")
     args = ap.parse_args(argv)
 
     compose = compose_command()
@@ -361,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="helox-deploy-") as tmp:
-        dep = Deployment(compose, Path(tmp))
+        dep = Deployment(compose, Path(tmp), s3=args.s3)
         dep.down()  # a previous run's leftovers
         failed: DeployTestFailed | None = None
         try:
@@ -371,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             timings["build"] = time.monotonic() - t
 
             t = time.monotonic()
-            log(f"up -d --scale evaluator={EVALUATORS} (+ cyrex; redis on 127.0.0.1:{dep.redis_port})")
-            dep.run("up", "-d", "--no-build", "--scale", f"evaluator={EVALUATORS}", *SERVICES, timeout=300)
+            extra = "objectstore, artifacts in S3" if args.s3 else "cyrex"
+            log(f"up -d --scale evaluator={EVALUATORS} (+ {extra}; redis on 127.0.0.1:{dep.redis_port})")
+            dep.run("up", "-d", "--no-build", "--scale", f"evaluator={EVALUATORS}", *dep.services, timeout=300)
             wait_healthy(dep)
             timings["up"] = time.monotonic() - t
             log(f"every healthcheck passes ({timings['up']:.0f}s)")
@@ -390,15 +426,19 @@ def main(argv: list[str] | None = None) -> int:
             timings["run"] = time.monotonic() - t
 
             t = time.monotonic()
-            check_cyrex(dep, ready)
-            timings["cyrex"] = time.monotonic() - t
+            if args.s3:
+                check_s3(dep, ready, run_id)
+                timings["s3"] = time.monotonic() - t
+            else:
+                check_cyrex(dep, ready)
+                timings["cyrex"] = time.monotonic() - t
         except DeployTestFailed as exc:
             failed = exc
             print(f"FAILED test-deploy: {exc}", flush=True)
             print(dep.run("ps", timeout=60, check=False).stdout, flush=True)
-            dep.show_logs(exc.services or SERVICES)
+            dep.show_logs(exc.services or dep.services)
         except Exception:
-            dep.show_logs(SERVICES, lines=30)
+            dep.show_logs(dep.services, lines=30)
             raise
         finally:
             if not args.keep:
@@ -409,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     print("test-deploy timings: " + json.dumps({k: round(v) for k, v in timings.items()}), flush=True)
     if failed:
         return 1
-    log("PASSED")
+    log("PASSED" + (" (S3 setup)" if args.s3 else ""))
     return 0
 
 
