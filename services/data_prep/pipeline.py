@@ -26,18 +26,19 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from services.data_prep.dedup import exact_dedup, lsh_near_duplicates, signatures_task
-from services.data_prep.filters import quality_filter
+from services.data_prep.dedup import exact_dedup, lsh_near_duplicates
 from services.data_prep.ingest import (
     CorpusError,
     Document,
@@ -47,16 +48,9 @@ from services.data_prep.ingest import (
     SourceFile,
     discover_files,
     expand_path,
-    read_files,
-)
-from services.data_prep.retrieval import (
-    RetrieverChoice,
-    announce_reused_fallbacks,
-    choose_retriever,
-    fallback_digest,
-    retrieval_stage,
 )
 from services.data_prep.sharding import histogram_file_bytes, is_validation, validation_score, write_shards
+from services.data_prep.tasks import ingest_task
 from services.data_prep.tokenizer import load_tokenizer, special_ids, token_dtype, train_tokenizer, user_defined_ids
 from shared.artifacts import ArtifactStore, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
 from shared.data.config import RAG_BOUNDARY_TOKENS, DataPrepConfig, ShardingConfig
@@ -77,7 +71,10 @@ from shared.data.manifest import (
     write_manifest,
 )
 from shared.logging import get_logger
-from shared.retrieval import SynapseLink
+
+if TYPE_CHECKING:  # the retrieval modules (BM25, the bus) are imported only when a dataset is RAG-packed
+    from services.data_prep.retrieval import RetrieverChoice
+    from shared.retrieval import SynapseLink
 
 PIPELINE_VERSION = "3"
 """Bump whenever a change to this package changes the bytes of a dataset for the same inputs.
@@ -190,18 +187,57 @@ class _InlinePool:
         return map(fn, it)
 
 
-@contextmanager
-def _worker_pool(workers: int) -> Iterator[Any]:
-    """A process pool (spawn: safe inside a threaded service) or an inline stand-in for 1 worker."""
-    if workers <= 1:
-        yield _InlinePool()
-        return
-    pool = multiprocessing.get_context("spawn").Pool(workers)
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
+_WORKER_MODULES = ("services.data_prep.tasks", "services.data_prep.sharding")
+
+
+def _pool_context() -> Any:
+    """forkserver: safe inside a threaded service like spawn, but the modules are imported once, in
+    the server, and every worker is a fork of it (spawn imported them, and the main module, in each).
+    The server preloads the main module too (a spawned or forked child imports it, unless its server
+    already has): by path for a script, by name for `python -m`."""
+    ctx = multiprocessing.get_context("forkserver")
+    preload = ["__main__", *_WORKER_MODULES]
+    name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    if name and name != "__main__" and not name.endswith(".__main__"):
+        preload.insert(1, name)
+    ctx.set_forkserver_preload(preload)  # no effect once this process's server runs: it keeps its modules
+    return ctx
+
+
+class _PoolStart:
+    """A worker pool started in the background: the workers start while this process discovers and
+    hashes the inputs. get() waits for it (an inline stand-in for 1 worker); close() ends it."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: Any = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if workers > 1:
+            self._thread = threading.Thread(target=self._start, name="data-prep-pool-start", daemon=True)
+            self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self._pool = _pool_context().Pool(self.workers)
+        except BaseException as e:  # raised in the caller by get()
+            self._error = e
+
+    def get(self) -> Any:
+        if self._thread is None:
+            return _InlinePool()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._pool
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
 
 
 # --- the pipeline -----------------------------------------------------------------------
@@ -274,6 +310,22 @@ def _resolve_tokenizer(
     return None, None, None, config.tokenizer.model_type
 
 
+def _choose_retriever(config: DataPrepConfig, synapse: SynapseLink | None) -> RetrieverChoice | None:
+    if config.rag is None:
+        return None
+    from services.data_prep.retrieval import choose_retriever
+
+    return choose_retriever(config.rag, synapse)
+
+
+def _announce_reused_fallbacks(manifest: Manifest, synapse: SynapseLink | None) -> None:
+    if manifest.rag is None:  # retrieval.announce_reused_fallbacks has nothing to say
+        return
+    from services.data_prep.retrieval import announce_reused_fallbacks
+
+    announce_reused_fallbacks(manifest, synapse)
+
+
 def plan_version(config: DataPrepConfig, store: ArtifactStore, base_dir: str | Path | None = None,
                  synapse: SynapseLink | None = None) -> str:
     """The version id prepare_dataset would produce for this config and the inputs as they are now
@@ -281,7 +333,7 @@ def plan_version(config: DataPrepConfig, store: ArtifactStore, base_dir: str | P
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     _, inputs = hash_inputs(discover_files(config.corpus, base))
     tok_model, *_ = _resolve_tokenizer(config, store, base)
-    choice = choose_retriever(config.rag, synapse) if config.rag is not None else None
+    choice = _choose_retriever(config, synapse)
     return dataset_version(config, inputs.digest, sha256_bytes(tok_model) if tok_model else None,
                            choice.identity() if choice else None)
 
@@ -330,7 +382,8 @@ def prepare_dataset(
     Relative corpus paths resolve against base_dir (default: the working directory). Raises a
     CorpusError subclass (EmptyCorpusError, PathOutsideRootsError, SourceNotFoundError,
     CorpusFormatError, ParentDatasetError, ...), TokenizerError or SemanticDedupError, each
-    naming what to fix. Worker processes are spawned: a script calling this needs the
+    naming what to fix. Worker processes are started by a forkserver (they import the main module:
+    services.data_prep.pipeline._pool_context): a script calling this needs the
     ``if __name__ == "__main__":`` guard.
 
     With a `rag` section, `synapse` is how the retrieval stage reaches Cyrex (None: the local
@@ -353,10 +406,41 @@ def prepare_dataset(
         log.warning(f"{len(outside)} corpus files resolve outside the corpus roots (symlinks); skipped",
                     examples=outside[:10])
     t = lap("discover", t)
+    # The workers start now, while the inputs are hashed (a dataset found reused stops them unused).
+    workers = config.sharding.workers or os.cpu_count() or 1
+    if sum(os.path.getsize(f.path) for f in files) < _MIN_PARALLEL_BYTES:
+        workers = 1
+    pool_start = _PoolStart(workers)
+    try:
+        return _prepare(config, store, report_progress, base, synapse, files, outside, pool_start, timings, t_start)
+    finally:
+        pool_start.close()
+
+
+def _prepare(
+    config: DataPrepConfig,
+    store: ArtifactStore,
+    report_progress: ProgressFn,
+    base: Path,
+    synapse: SynapseLink | None,
+    files: list[SourceFile],
+    outside: list[str],
+    pool_start: _PoolStart,
+    timings: dict[str, float],
+    t_start: float,
+) -> PrepareResult:
+    """prepare_dataset after discovery, with its pool starting."""
+
+    def lap(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        timings[name] = now - t0
+        return now
+
+    t = time.perf_counter()
     file_digests, inputs = hash_inputs(files)
     t = lap("hash_inputs", t)
     tok_model, tok_source, parent_version, tok_type = _resolve_tokenizer(config, store, base)
-    choice = choose_retriever(config.rag, synapse) if config.rag is not None else None
+    choice = _choose_retriever(config, synapse)
     version = dataset_version(config, inputs.digest, sha256_bytes(tok_model) if tok_model else None,
                               choice.identity() if choice else None)
     final = store.path("datasets", version)
@@ -367,7 +451,7 @@ def prepare_dataset(
         if existing is not None:
             report_progress("manifest", 1.0)
             log.info(f"dataset {version} {note}", version=version)
-            announce_reused_fallbacks(existing, synapse)  # packed after a fallback: said again, not silent
+            _announce_reused_fallbacks(existing, synapse)  # packed after a fallback: said again, not silent
             timings["total"] = time.perf_counter() - t_start
             return PrepareResult(existing, final / MANIFEST_NAME, True, existing.stages, note, timings)
         status = f"rebuilt: {note}"
@@ -376,19 +460,18 @@ def prepare_dataset(
         final.rename(trash)  # incomplete or corrupt leftovers: rebuilt below
         shutil.rmtree(trash, ignore_errors=True)
 
-    workers = config.sharding.workers or os.cpu_count() or 1
-    if inputs.bytes < _MIN_PARALLEL_BYTES:
-        workers = 1
+    workers = pool_start.workers
     tmp = store.path("datasets", f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
         t = time.perf_counter()
-        with _worker_pool(workers) as pool:
-            timings["pool_start"] = time.perf_counter() - t
-            manifest, reports, manifest_s = _build(
-                config, files, file_digests, inputs, version, tok_model, tok_source, tok_type, parent_version,
-                tmp, pool, report_progress, workers, outside_roots=outside, rag_choice=choice, synapse=synapse,
-            )
+        pool = pool_start.get()
+        timings["pool_start"] = time.perf_counter() - t  # what is left of the workers' start after hashing
+        manifest, reports, manifest_s = _build(
+            config, files, file_digests, inputs, version, tok_model, tok_source, tok_type, parent_version,
+            tmp, pool, report_progress, workers, outside_roots=outside, rag_choice=choice, synapse=synapse,
+        )
+        pool_start.close()
         if manifest.version != version:  # a RAG fallback mid-run: a dataset of its own version
             final = store.path("datasets", manifest.version)
         t = time.perf_counter()
@@ -402,7 +485,7 @@ def prepare_dataset(
             if existing is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-            announce_reused_fallbacks(existing, synapse)
+            _announce_reused_fallbacks(existing, synapse)
             timings["total"] = time.perf_counter() - t_start
             return PrepareResult(existing, final / MANIFEST_NAME, True, existing.stages, note, timings)
         fsync_dir(final.parent)
@@ -483,9 +566,17 @@ def _build(
     t0 = time.perf_counter()
     report_progress("ingest", 0.0)
     chunks = _chunked(files, [os.path.getsize(f.path) for f in files])
+    mh = config.minhash
+    sign = (mh.ngram, mh.num_perm, mh.seed) if mh.enabled else None  # near dedup's signatures, made here
     results: list[FileResult] = []
-    for n, part in enumerate(pool.imap(read_files, chunks), start=1):
+    reasons: list[str | None] = []  # the filter's verdict on each document, made in the workers
+    sig_parts: list[np.ndarray] = []
+    tasks = [(c, config.filters, sign) for c in chunks]
+    for n, (part, part_reasons, sigs) in enumerate(pool.imap(ingest_task, tasks), start=1):
         results.extend(part)
+        reasons.extend(part_reasons)
+        if sigs is not None:
+            sig_parts.append(sigs)
         report_progress("ingest", n / len(chunks))
     for res, digest in zip(results, file_digests, strict=True):
         if res.sha256 != digest:
@@ -520,7 +611,10 @@ def _build(
 
     # filters
     t0 = time.perf_counter()
-    kept, removed = quality_filter(docs, config.filters)
+    kept = [doc for doc, reason in zip(docs, reasons, strict=True) if reason is None]  # filters.quality_filter
+    removed = Counter(reason for reason in reasons if reason is not None)
+    signatures = np.concatenate(sig_parts) if sign is not None else None  # a row per kept document
+    sig_row = {id(doc): k for k, doc in enumerate(kept)}
     reports.append(_report("filter", docs, kept, t0, **{k: removed.get(k, 0) for k in sorted(removed)}))
     _require_docs(kept, reports[-1], "relax the filters.* settings")
     report_progress("filter", 1.0)
@@ -536,17 +630,12 @@ def _build(
     docs = kept
 
     # 3. near dedup
-    mh = config.minhash
-    if mh.enabled:
+    if signatures is not None:
         t0 = time.perf_counter()
         report_progress("near_dedup", 0.0)
         texts = [d.text for d in docs]
-        tasks = [(part, mh.ngram, mh.num_perm, mh.seed) for part in _chunked(texts, [len(t) for t in texts])]
-        parts = []
-        for n, sig in enumerate(pool.imap(signatures_task, tasks), start=1):
-            parts.append(sig)
-            report_progress("near_dedup", 0.9 * n / len(tasks))
-        near = lsh_near_duplicates(np.concatenate(parts), mh.threshold, texts, mh.ngram)
+        sigs = signatures[[sig_row[id(d)] for d in docs]]
+        near = lsh_near_duplicates(sigs, mh.threshold, texts, mh.ngram)
         kept = [d for d, k in zip(docs, near.keep, strict=True) if k]
         for j, root in sorted(near.duplicate_of.items()):
             via = near.linked_via.get(j)
@@ -622,6 +711,8 @@ def _build(
     shards = sharded.shards
     rag_info = None
     if config.rag is not None:
+        from services.data_prep.retrieval import fallback_digest, retrieval_stage
+
         assert rag_choice is not None
         t_rag = time.perf_counter()
         report_progress("retrieval", 0.0)
