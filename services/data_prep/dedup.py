@@ -317,14 +317,15 @@ def lsh_near_duplicates(
 
 
 def exact_dedup(docs: list[Document]) -> tuple[list[Document], list[tuple[int, int]]]:
-    """Drop documents whose text was seen before; sets each document's digest.
+    """Drop documents whose text was seen before; sets each document's digest (the SHA-256 of its
+    text) unless it is set already (the pipeline's ingest tasks set it in the workers).
 
     Returns the kept documents and (removed, first occurrence) index pairs into `docs`.
     """
     first: dict[bytes, int] = {}
     kept, duplicates = [], []
     for i, doc in enumerate(docs):
-        digest = hashlib.sha256(doc.text.encode("utf-8")).digest()
+        digest = doc.digest or hashlib.sha256(doc.text.encode("utf-8")).digest()
         doc.digest = digest
         if digest in first:
             duplicates.append((i, first[digest]))

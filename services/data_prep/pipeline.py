@@ -125,8 +125,10 @@ class PrepareResult:
     status: str = ""
     """'built', 'reused (verified N shards by SHA-256)' or 'rebuilt: <what failed>'."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds outside the stage reports: discover, hash_inputs, verify_existing, pool_start,
-    manifest (histograms, dedup report and manifest written) and total (the whole call)."""
+    """Seconds outside the stage reports: discover, hash_inputs, verify_existing, pool_start (how
+    long the stages waited for the workers to start: they start during hashing, and this process
+    runs ingest tasks itself until they have), manifest (histograms, dedup report and manifest
+    written) and total (the whole call)."""
 
 
 # --- versioning -------------------------------------------------------------------------
@@ -205,13 +207,19 @@ def _pool_context() -> Any:
 
 
 class _PoolStart:
-    """A worker pool started in the background: the workers start while this process discovers and
-    hashes the inputs. get() waits for it (an inline stand-in for 1 worker); close() ends it."""
+    """A worker pool started in the background: the workers start while this process hashes the
+    inputs (and runs the first ingest tasks itself, see imap). get() waits for it (an inline
+    stand-in for 1 worker); close() ends it."""
+
+    waited_s = 0.0
+    """Seconds the caller waited in get() for the workers to start."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool: Any = None
         self._error: BaseException | None = None
+        self._closed = False
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         if workers > 1:
             self._thread = threading.Thread(target=self._start, name="data-prep-pool-start", daemon=True)
@@ -219,25 +227,61 @@ class _PoolStart:
 
     def _start(self) -> None:
         try:
-            self._pool = _pool_context().Pool(self.workers)
+            pool = _pool_context().Pool(self.workers)
         except BaseException as e:  # raised in the caller by get()
             self._error = e
+            return
+        with self._lock:
+            if not self._closed:
+                self._pool = pool
+                return
+        _end_pool(pool)  # closed without waiting while it started (a reused dataset)
+
+    def ready(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
 
     def get(self) -> Any:
         if self._thread is None:
             return _InlinePool()
+        t0 = time.perf_counter()
         self._thread.join()
+        self.waited_s += time.perf_counter() - t0
         if self._error is not None:
             raise self._error
         return self._pool
 
-    def close(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+    def imap(self, fn: Callable[[Any], T], tasks: list[Any]) -> Iterator[T]:
+        """fn over tasks, results in order: this process runs them itself until the workers have
+        started (they start while it hashes), then the workers run the rest."""
+        i = 0
+        while i < len(tasks) and not self.ready():
+            yield fn(tasks[i])
+            i += 1
+        if i < len(tasks):
+            yield from self.get().imap(fn, tasks[i:])
+
+    def close(self, wait: bool = True) -> None:
+        """End the workers; without `wait` (their work was not needed) in the background: a pool
+        still starting ends itself once started, so the caller never waits for a start."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is None:
+            if wait and self._thread is not None:
+                self._thread.join()
+                with self._lock:
+                    pool, self._pool = self._pool, None
+            if pool is None:
+                return
+        if wait:
+            _end_pool(pool)
+        else:
+            threading.Thread(target=_end_pool, args=(pool,), name="data-prep-pool-end", daemon=True).start()
+
+
+def _end_pool(pool: Any) -> None:
+    pool.terminate()
+    pool.join()
 
 
 # --- the pipeline -----------------------------------------------------------------------
@@ -259,14 +303,28 @@ def _chunked(items: list[T], sizes: list[int], target: int = _TASK_BYTES) -> lis
     return chunks
 
 
-def _nbytes(docs: list[Document]) -> int:
-    return sum(len(d.text.encode("utf-8")) for d in docs)
+class _ByteCounter:
+    """UTF-8 bytes of documents' texts, each document's counted once (the stage reports count the
+    same documents again and again: each pass over the corpus took ~20 ms)."""
+
+    def __init__(self) -> None:
+        self._sizes: dict[int, tuple[Document, int]] = {}  # id -> (the document, kept alive, its bytes)
+
+    def __call__(self, docs: list[Document]) -> int:
+        total = 0
+        for d in docs:
+            known = self._sizes.get(id(d))
+            if known is None or known[0] is not d:
+                known = self._sizes[id(d)] = (d, len(d.text.encode("utf-8")))
+            total += known[1]
+        return total
 
 
-def _report(stage: str, docs_in: list[Document], docs_out: list[Document], t0: float, **details: Any) -> StageReport:
+def _report(stage: str, docs_in: list[Document], docs_out: list[Document], t0: float, nbytes: _ByteCounter,
+            **details: Any) -> StageReport:
     return StageReport(
-        stage=stage, docs_in=len(docs_in), docs_out=len(docs_out), bytes_in=_nbytes(docs_in),
-        bytes_out=_nbytes(docs_out), seconds=time.perf_counter() - t0, details=details,
+        stage=stage, docs_in=len(docs_in), docs_out=len(docs_out), bytes_in=nbytes(docs_in),
+        bytes_out=nbytes(docs_out), seconds=time.perf_counter() - t0, details=details,
     )
 
 
@@ -449,6 +507,7 @@ def _prepare(
         existing, note = _verified_dataset(final)
         t = lap("verify_existing", t)
         if existing is not None:
+            pool_start.close(wait=False)  # its workers are not needed: not waited for either
             report_progress("manifest", 1.0)
             log.info(f"dataset {version} {note}", version=version)
             _announce_reused_fallbacks(existing, synapse)  # packed after a fallback: said again, not silent
@@ -464,13 +523,11 @@ def _prepare(
     tmp = store.path("datasets", f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        t = time.perf_counter()
-        pool = pool_start.get()
-        timings["pool_start"] = time.perf_counter() - t  # what is left of the workers' start after hashing
         manifest, reports, manifest_s = _build(
             config, files, file_digests, inputs, version, tok_model, tok_source, tok_type, parent_version,
-            tmp, pool, report_progress, workers, outside_roots=outside, rag_choice=choice, synapse=synapse,
+            tmp, pool_start, report_progress, workers, outside_roots=outside, rag_choice=choice, synapse=synapse,
         )
+        timings["pool_start"] = pool_start.waited_s  # what was left of the workers' start when they were needed
         pool_start.close()
         if manifest.version != version:  # a RAG fallback mid-run: a dataset of its own version
             final = store.path("datasets", manifest.version)
@@ -550,7 +607,7 @@ def _build(
     tok_type: str,
     parent_version: str | None,
     out: Path,
-    pool: Any,
+    pool_start: _PoolStart,
     report_progress: ProgressFn,
     workers: int,
     *,
@@ -561,6 +618,7 @@ def _build(
     """The stages, written into `out`: (manifest, stage reports, seconds spent on the manifest's files)."""
     reports: list[StageReport] = []
     removed_records: list[dict[str, Any]] = []
+    _nbytes = _ByteCounter()
 
     # 1. ingest and normalise
     t0 = time.perf_counter()
@@ -572,7 +630,7 @@ def _build(
     reasons: list[str | None] = []  # the filter's verdict on each document, made in the workers
     sig_parts: list[np.ndarray] = []
     tasks = [(c, config.filters, sign) for c in chunks]
-    for n, (part, part_reasons, sigs) in enumerate(pool.imap(ingest_task, tasks), start=1):
+    for n, (part, part_reasons, sigs) in enumerate(pool_start.imap(ingest_task, tasks), start=1):
         results.extend(part)
         reasons.extend(part_reasons)
         if sigs is not None:
@@ -615,7 +673,7 @@ def _build(
     removed = Counter(reason for reason in reasons if reason is not None)
     signatures = np.concatenate(sig_parts) if sign is not None else None  # a row per kept document
     sig_row = {id(doc): k for k, doc in enumerate(kept)}
-    reports.append(_report("filter", docs, kept, t0, **{k: removed.get(k, 0) for k in sorted(removed)}))
+    reports.append(_report("filter", docs, kept, t0, _nbytes, **{k: removed.get(k, 0) for k in sorted(removed)}))
     _require_docs(kept, reports[-1], "relax the filters.* settings")
     report_progress("filter", 1.0)
     docs = kept
@@ -625,7 +683,7 @@ def _build(
     report_progress("exact_dedup", 0.0)
     kept, duplicates = exact_dedup(docs)
     removed_records += [_dedup_record("exact_dedup", docs[i], docs[first], "sha256", 1.0) for i, first in duplicates]
-    reports.append(_report("exact_dedup", docs, kept, t0))
+    reports.append(_report("exact_dedup", docs, kept, t0, _nbytes))
     report_progress("exact_dedup", 1.0)
     docs = kept
 
@@ -644,7 +702,7 @@ def _build(
                 docs[via] if via is not None else None,
             ))
         reports.append(_report(
-            "near_dedup", docs, kept, t0, bands=near.bands, rows=near.rows,
+            "near_dedup", docs, kept, t0, _nbytes, bands=near.bands, rows=near.rows,
             candidate_pairs=near.candidate_pairs, verified_pairs=near.verified_pairs, clusters=near.clusters,
             verification="exact", estimate_disagreed=near.estimate_disagreed,
         ))
@@ -667,7 +725,7 @@ def _build(
             removed_records.append(_dedup_record(
                 "semantic_dedup", docs[j], docs[root], "cosine", float(emb[j] @ emb[root]), docs[matched],
             ))
-        reports.append(_report("semantic_dedup", docs, kept, t0, clusters=result.clusters, pairs=len(result.pairs)))
+        reports.append(_report("semantic_dedup", docs, kept, t0, _nbytes, clusters=result.clusters, pairs=len(result.pairs)))
         report_progress("semantic_dedup", 1.0)
         docs = kept
 
@@ -705,7 +763,7 @@ def _build(
     sh = config.sharding
     sharded = write_shards(
         docs, out / TOKENIZER_FILE, vocab, dtype, out, sh.shard_tokens, sh.val_fraction, sh.seed,
-        imap=pool.imap, progress=lambda f: report_progress("tokenize", f),
+        imap=pool_start.get().imap, progress=lambda f: report_progress("tokenize", f),
     )
     tokenize_s = time.perf_counter() - t0
     shards = sharded.shards

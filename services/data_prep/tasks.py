@@ -1,9 +1,12 @@
 """The ingest stage's pool task: read a chunk of files and do, per document, what the next stages
-would otherwise do in the main process, one document after the other: the quality filter's verdict
-and near dedup's MinHash signature. Both depend on the document's text alone, so the results are
-the same whichever worker made them (and the main process only applies them)."""
+would otherwise do in the main process, one document after the other: the quality filter's
+verdict, the SHA-256 exact dedup compares and near dedup's MinHash signature. Each depends on the
+document's text alone, so the results are the same whichever process made them (the main process
+only applies them)."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -22,6 +25,9 @@ def ingest_task(
     results = read_files(files)
     docs = [d for r in results for d in r.docs]
     reasons = [reject_reason(d.text, filters) for d in docs]
+    for d, reason in zip(docs, reasons, strict=True):
+        if reason is None:
+            d.digest = hashlib.sha256(d.text.encode("utf-8")).digest()  # what exact dedup goes by
     if minhash is None:
         return results, reasons, None
     ngram, num_perm, seed = minhash

@@ -34,12 +34,14 @@ class TokenizerError(RuntimeError):
 
 def training_lines(texts: list[str], sample_size: int, seed: int) -> list[str]:
     """The non-blank lines of the corpus, a seeded sample of at most sample_size of them, in corpus order."""
-    lines = [line for text in texts for line in text.split("\n") if line.strip()]
+    lines: list[str] = []
+    for text in texts:
+        lines += filter(str.strip, text.split("\n"))  # the lines whose strip() is not empty
     if len(lines) <= sample_size:
         return lines
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(len(lines), size=sample_size, replace=False))
-    return [lines[i] for i in picked]
+    return [lines[i] for i in picked.tolist()]  # Python ints: indexing with numpy scalars is ~3x slower
 
 
 def train_tokenizer(texts: list[str], cfg: TokenizerConfig, user_defined_symbols: tuple[str, ...] = ()) -> bytes:

@@ -85,6 +85,20 @@ def test_source_outside_roots_is_rejected(tmp_path: Path) -> None:
         discover_files(corpus(tmp_path, CorpusSource(path=str(outside), domain="d"), roots=[str(inside)]))
 
 
+def test_discovery_resolves_like_path_resolve(tmp_path: Path) -> None:
+    """Files are resolved through their (once-resolved) directory, symlinks one by one."""
+    real = tmp_path / "real" / "sub"
+    real.mkdir(parents=True)
+    (real / "a.txt").write_text("a")
+    (real / "b.txt").write_text("b")
+    os.symlink(real / "a.txt", real / "link_to_a.txt")  # a symlink inside the roots: read, resolved
+    os.symlink(tmp_path / "real", tmp_path / "alias")  # a source through a symlinked directory
+    files = discover_files(corpus(tmp_path, CorpusSource(path=str(tmp_path / "alias"), domain="d")))
+    assert [f.relpath for f in files] == ["sub/a.txt", "sub/b.txt", "sub/link_to_a.txt"]
+    assert [f.path for f in files] == [str((tmp_path / "alias" / f.relpath).resolve()) for f in files]
+    assert files[2].path == str((real / "a.txt").resolve())
+
+
 def test_symlink_escaping_roots_is_skipped_and_counted(tmp_path: Path) -> None:
     inside, outside = tmp_path / "inside", tmp_path / "outside"
     inside.mkdir()
