@@ -203,6 +203,13 @@ def _source_files(index: int, src: CorpusSource, base: Path, roots: list[Path], 
         rels = [r for r in _walk(spec, src.exclude) if Path(r).suffix in WALK_SUFFIXES]
     elif spec.is_file():
         walk_base, rels = spec.parent, [spec.name]
+        target = spec.resolve()
+        if not _inside(target, roots):  # the source itself is a link out of the roots
+            raise PathOutsideRootsError(
+                f"corpus source {src.path!r} ({spec}) resolves to {target}, outside the corpus roots "
+                f"{[str(r) for r in roots]} (a symlink out of them): add its target's directory to "
+                "corpus.roots or remove the source"
+            )
     else:
         raise SourceNotFoundError(f"corpus source {src.path!r} ({spec}) is neither a file, a directory nor a glob")
     if not _inside(walk_base.resolve(), roots) and not _inside(spec.resolve(), roots):

@@ -123,6 +123,20 @@ def test_a_source_whose_every_file_escapes_the_roots_names_it(tmp_path: Path) ->
         discover_files(corpus(tmp_path, CorpusSource(path=str(inside), domain="d"), roots=[str(inside)]))
 
 
+def test_a_single_file_source_linking_out_of_the_roots_is_refused_naming_its_target(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    os.symlink(outside / "secret.txt", inside / "link.txt")
+    with pytest.raises(PathOutsideRootsError) as err:
+        discover_files(corpus(tmp_path, CorpusSource(path=str(inside / "link.txt"), domain="d"), roots=[str(inside)]))
+    assert "link.txt" in str(err.value) and str(outside / "secret.txt") in str(err.value)
+    (inside / "real.txt").write_text("fine")  # a plain file source inside the roots is read
+    files = discover_files(corpus(tmp_path, CorpusSource(path=str(inside / "real.txt"), domain="d"), roots=[str(inside)]))
+    assert [f.relpath for f in files] == ["real.txt"]
+
+
 def test_missing_source_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(SourceNotFoundError, match="nope"):
         discover_files(corpus(tmp_path, CorpusSource(path=str(tmp_path / "nope"), domain="d")))
