@@ -126,8 +126,8 @@ class PrepareResult:
     """'built', 'reused (verified N shards by SHA-256)' or 'rebuilt: <what failed>'."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds outside the stage reports: discover, hash_inputs, verify_existing, pool_start (how
-    long the stages waited for the workers to start: they start during hashing, and this process
-    runs ingest tasks itself until they have), manifest (histograms, dedup report and manifest
+    long the stages waited for the workers to start: they start once the dataset is known to be
+    built, and this process runs ingest tasks itself until they have), manifest (histograms, dedup report and manifest
     written) and total (the whole call)."""
 
 
@@ -238,7 +238,7 @@ class _PoolStart:
             if not self._closed:
                 self._pool = pool
                 return
-        _end_pool(pool)  # closed without waiting while it started (a reused dataset)
+        _end_pool(pool)  # closed while it started (a stage failed)
 
     def ready(self) -> bool:
         return self._thread is None or not self._thread.is_alive()
@@ -256,7 +256,7 @@ class _PoolStart:
 
     def imap(self, fn: Callable[[Any], T], tasks: list[Any]) -> Iterator[T]:
         """fn over tasks, results in order: this process runs them itself until the workers have
-        started (they start while it hashes), then the workers run the rest."""
+        started, then the workers run the rest."""
         i = 0
         while i < len(tasks) and not self.ready():
             yield fn(tasks[i])
@@ -482,7 +482,7 @@ def _prepare(
     timings: dict[str, float],
     t_start: float,
 ) -> PrepareResult:
-    """prepare_dataset after discovery, with its pool starting."""
+    """prepare_dataset after discovery; pool_start is started only once a build is certain."""
 
     def lap(name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -514,8 +514,9 @@ def _prepare(
         shutil.rmtree(trash, ignore_errors=True)
 
     # The workers start now, in the background: this process runs the first ingest tasks itself
-    # meanwhile (_PoolStart.imap). Not earlier, while hashing: a reused dataset then waited ~0.2 s
-    # more (the workers' start slowed its hashing and verification down), a build gained ~0.1 s.
+    # meanwhile (_PoolStart.imap). Not earlier, while hashing: a reused dataset then took ~0.2 s
+    # more (the workers' start slowed its hashing and verification down); a build gained nothing
+    # measurable.
     pool_start.start()
     workers = pool_start.workers
     tmp = store.path("datasets", f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
