@@ -99,13 +99,19 @@ def test_discovery_resolves_like_path_resolve(tmp_path: Path) -> None:
     assert files[2].path == str((real / "a.txt").resolve())
 
 
-def test_symlink_escaping_roots_is_skipped_and_counted(tmp_path: Path) -> None:
+def link_out_of_the_roots(tmp_path: Path) -> tuple[Path, Path]:
+    """`inside/` (the corpus root) with `link.txt` -> `outside/secret.txt`."""
     inside, outside = tmp_path / "inside", tmp_path / "outside"
     inside.mkdir()
     outside.mkdir()
     (outside / "secret.txt").write_text("secret")
-    (inside / "ok.txt").write_text("fine")
     os.symlink(outside / "secret.txt", inside / "link.txt")
+    return inside, outside
+
+
+def test_symlink_escaping_roots_is_skipped_and_counted(tmp_path: Path) -> None:
+    inside, _outside = link_out_of_the_roots(tmp_path)
+    (inside / "ok.txt").write_text("fine")
     skipped: list[str] = []
     files = discover_files(corpus(tmp_path, CorpusSource(path=str(inside), domain="d"), roots=[str(inside)]),
                            outside=skipped)
@@ -114,21 +120,13 @@ def test_symlink_escaping_roots_is_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_a_source_whose_every_file_escapes_the_roots_names_it(tmp_path: Path) -> None:
-    inside, outside = tmp_path / "inside", tmp_path / "outside"
-    inside.mkdir()
-    outside.mkdir()
-    (outside / "secret.txt").write_text("secret")
-    os.symlink(outside / "secret.txt", inside / "link.txt")
+    inside, _outside = link_out_of_the_roots(tmp_path)
     with pytest.raises(EmptyCorpusError, match="resolves outside the corpus roots"):
         discover_files(corpus(tmp_path, CorpusSource(path=str(inside), domain="d"), roots=[str(inside)]))
 
 
 def test_a_single_file_source_linking_out_of_the_roots_is_refused_naming_its_target(tmp_path: Path) -> None:
-    inside, outside = tmp_path / "inside", tmp_path / "outside"
-    inside.mkdir()
-    outside.mkdir()
-    (outside / "secret.txt").write_text("secret")
-    os.symlink(outside / "secret.txt", inside / "link.txt")
+    inside, outside = link_out_of_the_roots(tmp_path)
     with pytest.raises(PathOutsideRootsError) as err:
         discover_files(corpus(tmp_path, CorpusSource(path=str(inside / "link.txt"), domain="d"), roots=[str(inside)]))
     assert "link.txt" in str(err.value) and str(outside / "secret.txt") in str(err.value)
