@@ -138,12 +138,6 @@ def minhash_signatures(texts: list[str], ngram: int = 5, num_perm: int = 128, se
     return out
 
 
-def signatures_task(args: tuple[list[str], int, int, int]) -> np.ndarray:
-    """Pool task: minhash_signatures over one chunk of texts."""
-    texts, ngram, num_perm, seed = args
-    return minhash_signatures(texts, ngram, num_perm, seed)
-
-
 @cache
 def lsh_params(threshold: float, num_perm: int, min_recall: float = 0.995) -> tuple[int, int]:
     """(bands, rows): the most rows (fewest candidates) that still make a pair at the threshold a
