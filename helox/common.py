@@ -125,6 +125,8 @@ def s3_directory(store: Any, manifest: Any) -> Path:
     import shutil
     import uuid
 
+    from shared.s3store import link_or_copy
+
     cached = store.open_directory(manifest)
     base = store.key(manifest.uri).rpartition("/")[0]
     try:
@@ -143,10 +145,7 @@ def s3_directory(store: Any, manifest: Any) -> Path:
                 dst.mkdir(parents=True, exist_ok=True)
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
+            link_or_copy(src, dst)
         shutil.copyfile(signature, tmp / "signature.json")
         try:
             os.rename(tmp, view)

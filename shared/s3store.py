@@ -403,16 +403,10 @@ class S3Backend:
                 src = self.fetch(f"{base}/{frel}" if base else frel, sha, size)
                 dst = tmp / frel
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copyfile(src, dst)
+                link_or_copy(src, dst)
                 if size is not None and dst.stat().st_size != size:
                     raise ArtifactDigestError(f"{self.location.uri_of(rel)}: {frel} size differs from its manifest")
-            try:
-                os.link(manifest_path, tmp / MANIFEST_NAME)
-            except OSError:
-                shutil.copyfile(manifest_path, tmp / MANIFEST_NAME)
+            link_or_copy(manifest_path, tmp / MANIFEST_NAME)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -423,3 +417,11 @@ class S3Backend:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final / MANIFEST_NAME
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link to a cached file (no second copy of its bytes), or a copy across devices."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
