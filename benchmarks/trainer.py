@@ -8,7 +8,8 @@ every block) so that load from other processes hits all alike:
   layers, width, heads, vocabulary and sequence length, and the same FLOPs per token: the
   Helox presets give GQA with K = H/2 and SwiGLU with F = 3C, i.e. 3C^2 + 9C^2 = 12C^2 per
   layer, GPT-2's 4C^2 + 8C^2 (printed: 6N + 12*L*H*Q*T for both);
-- bare Helox: forward, cross-entropy, backward, AdamW of the Helox model, nothing else;
+- bare Helox: forward, cross-entropy, backward, AdamW of the Helox model, nothing else (on fp32,
+  the head and the loss in one blocked pass, as the Trainer runs them: shared.model.loss);
 - full: the `Trainer` with its default monitoring (probes at their cadence, an emitter doing
   some JSON work per log, per-layer grad norms, clipping, checkpoints mid-run).
 
@@ -51,6 +52,7 @@ from services.trainer.hooks import Callback
 from services.trainer.loop import Trainer
 from services.trainer.optim import build_optimizer
 from shared.model import Llama, ModelConfig
+from shared.model.loss import linear_cross_entropy
 
 
 class JsonWorkEmitter(Callback):
@@ -151,14 +153,21 @@ class BareLoop:
                 block.compile()
         self.opt = build_optimizer(self.model, cfg.optim, device)
         self.data, self.device, self.dtype = source(cfg), device, autocast_dtype
+        self.fused = not gpt and autocast_dtype is None and cfg.fused_loss
 
     def step(self) -> int:
         b = next(self.data)
         ids, labels = b["input_ids"].to(self.device), b["labels"].to(self.device)
-        ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else torch.enable_grad()
-        with ctx:
-            logits = self.model(ids)
-        F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
+        if self.fused:  # the Trainer's fp32 path: head and loss in one blocked pass
+            n = labels.numel()
+            hidden = self.model.hidden_states(ids).flatten(0, 1)
+            weights = torch.full((n,), 1.0 / n, device=self.device)
+            linear_cross_entropy(hidden, self.model.lm_head.weight, labels.flatten(), weights)[0].backward()
+        else:
+            ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else torch.enable_grad()
+            with ctx:
+                logits = self.model(ids)
+            F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return ids.numel()
@@ -307,7 +316,43 @@ def cpu_mode(args) -> int:
     print(f"trainer metrics: tokens_per_s={last.get('tokens_per_s', 0):.0f} "
           f"mfu={mfu_value if mfu_value is None else round(mfu_value, 3)} (CPU peak estimated from /proc/cpuinfo) "
           f"final_step={result.final_step}")
+    head_and_loss(mcfg, args.batch * args.seq_len)
     return 0
+
+
+def head_and_loss(mcfg: ModelConfig, n: int, repeats: int = 15) -> None:
+    """Forward + backward of the output head and a weighted token loss alone, three ways, alternating."""
+    from torch.nn import LinearCrossEntropyOptions
+
+    g = torch.Generator().manual_seed(0)
+    hidden0 = torch.randn(n, mcfg.d_model, generator=g)
+    weight0 = torch.randn(mcfg.vocab_size, mcfg.d_model, generator=g).mul_(0.02)
+    labels = torch.randint(0, mcfg.vocab_size, (n,), generator=g)
+    w = torch.full((n,), 1.0 / n)
+
+    def plain(h, W):
+        (F.cross_entropy(h @ W.T, labels, reduction="none") * w).sum().backward()
+
+    def torch_chunked(h, W):
+        (F.linear_cross_entropy(h, W, labels, reduction="none", options=LinearCrossEntropyOptions()) * w).sum().backward()
+
+    def helox(h, W):
+        linear_cross_entropy(h, W, labels, w)[0].backward()
+
+    ways = {"logits + F.cross_entropy": plain, "F.linear_cross_entropy (chunked)": torch_chunked,
+            "shared.model.loss.linear_cross_entropy": helox}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for i in range(repeats + 2):
+        for name, fn in ways.items():
+            h, W = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+            t = time.perf_counter()
+            fn(h, W)
+            if i >= 2:
+                times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["logits + F.cross_entropy"])
+    print(f"head + loss alone ({n} tokens x {mcfg.d_model} -> {mcfg.vocab_size}, forward + backward, medians of {repeats}):")
+    for name, ts in times.items():
+        print(f"  {name:<40} {statistics.median(ts) * 1e3:7.1f} ms  ({base / statistics.median(ts):.2f}x the plain one's speed)")
 
 
 def gpu_mode(args) -> int:

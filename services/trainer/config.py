@@ -30,7 +30,11 @@ class OptimConfig(StrictModel):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     warmup_steps: int = Field(default=100, ge=0, description="Linear warmup steps.")
     decay_steps: int | None = Field(default=None, ge=1, description="Cosine length (default: max_steps).")
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "wsd"] = Field(
+        default="cosine", description="After the warmup: cosine to min_lr_ratio; constant; wsd (warmup-stable-decay): "
+        "the peak until the last cooldown_fraction of decay_steps, then a straight line to min_lr_ratio.")
+    cooldown_fraction: float = Field(default=0.4, gt=0, le=1, description="wsd: the share of decay_steps spent "
+                                     "cooling down (counted from the end).")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW decay on matrices (not on norms/gains).")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
@@ -190,6 +194,9 @@ class TrainConfig(StrictModel):
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = Field(default=False, description="torch.compile the model.")
+    fused_loss: bool = Field(
+        default=True, description="Output head and loss in one blocked pass (shared.model.loss) where the run is "
+        "fp32 on one process; off: logits, then F.cross_entropy.")
     peak_flops: float | None = Field(default=None, gt=0, description="Device peak FLOP/s for MFU (default: a table by device).")
     dataset_version: str | None = None
     optim: OptimConfig = Field(default_factory=OptimConfig)

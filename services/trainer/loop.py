@@ -29,6 +29,7 @@ from shared.checkpoint import Checkpoint, CheckpointNotFoundError, list_checkpoi
 from shared.data.manifest import MASK_BASE, MASK_CONTEXT
 from shared.logging import get_logger
 from shared.model import Llama
+from shared.model.loss import linear_cross_entropy
 
 from .batching import NoiseScale, auto_micro_batch_size
 from .checkpointing import TrainCheckpointer
@@ -142,6 +143,11 @@ class Trainer:
                 block.compile()
         self.raw_model: Llama = raw
         self.model: nn.Module = wrap_model(raw, self.ctx, config.distributed)
+        # Head and loss in one blocked pass (shared.model.loss) on one process in fp32: DDP must see
+        # its module's forward, FSDP2 (in place: `self.model is raw`) shards the head's weight, and
+        # autocast wants the logits made under it.
+        self._fused_head = (config.fused_loss and self.ctx.strategy == "none" and self.precision.mode == "fp32"
+                            and type(raw.lm_head) is nn.Linear)
         self.optimizer = build_optimizer(raw, config.optim, self.ctx.device, zero=self.ctx.zero)
 
         self.curriculum = Curriculum(config.batch, config.curriculum, world_size=self.ctx.world_size,
@@ -374,15 +380,24 @@ class Trainer:
             labels = batch["labels"].to(self.device, non_blocking=True)
             mask = mask.to(self.device, non_blocking=True)
             with self._sync_context(last):
-                with self.precision.autocast():
-                    logits = self.model(ids)  # [B, T, V]
-                logits = logits.float()
-                tok_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-                masked = tok_loss * mask  # [B, T]
-                objective = masked.sum()
-                if self.config.stability.z_loss:
-                    z = torch.logsumexp(logits, dim=-1)  # [B, T]
-                    objective = objective + self.config.stability.z_loss * (z.square() * mask).sum()
+                z_loss = self.config.stability.z_loss
+                if self._fused_head:
+                    hidden = self.model.hidden_states(ids)  # [B, T, C]
+                    objective, tok_loss, _ = linear_cross_entropy(
+                        hidden.flatten(0, 1), self.raw_model.lm_head.weight, labels.flatten(), mask.flatten(),
+                        z_loss=z_loss)
+                    tok_loss = tok_loss.view_as(labels)
+                    masked = tok_loss * mask  # [B, T]
+                else:
+                    with self.precision.autocast():
+                        logits = self.model(ids)  # [B, T, V]
+                    logits = logits.float()
+                    tok_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+                    masked = tok_loss * mask  # [B, T]
+                    objective = masked.sum()
+                    if z_loss:
+                        z = torch.logsumexp(logits, dim=-1)  # [B, T]
+                        objective = objective + z_loss * (z.square() * mask).sum()
                 # Normalised by the step's token count over all ranks; DDP/FSDP average gradients over ranks.
                 loss = objective * (world / n_tok)
                 self.precision.scale(loss).backward()

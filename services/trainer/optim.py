@@ -3,7 +3,8 @@
 `build_optimizer` is the one place an optimizer is made: AdamW (fused where the device has a
 kernel; ZeroRedundancyOptimizer-sharded on DDP + zero), or, with `optim.name: muon`, Muon for
 the 2-D hidden matrices and AdamW for embeddings, head and norms (as modded-nanogpt and
-nanochat do), stepped together as `MuonWithAdamW`.
+nanochat do), stepped together as `MuonWithAdamW`. Muon is `torch.optim.Muon` with its
+orthogonalisation batched (`services.trainer.muon.BatchedMuon`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import OptimConfig
+from .muon import BatchedMuon
 
 LR_RATIO = "lr_ratio"
 """Param-group key: the group's LR over the schedule's (Muon's lr / optim.lr); 1 when absent."""
@@ -166,7 +168,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
         adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": gains, "weight_decay": 0.0}], **kw)
         m = cfg.muon
-        muon = torch.optim.Muon(
+        muon = BatchedMuon(
             hidden, lr=m.lr, momentum=m.momentum, nesterov=m.nesterov, ns_steps=m.ns_steps,
             weight_decay=cfg.weight_decay if m.weight_decay is None else m.weight_decay, adjust_lr_fn=m.adjust_lr_fn,
         )
@@ -185,7 +187,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
 
 
 class LRSchedule:
-    """lr(step) = peak * factor(step): linear warmup from 0, then cosine down to min_lr_ratio.
+    """lr(step) = peak * factor(step): linear warmup from 0, then cosine down to min_lr_ratio (or
+    constant, or wsd: the peak, then a linear cooldown to min_lr_ratio over the last cooldown_fraction).
 
     A pure function of the step: nothing to checkpoint. `step` is the 1-based index of the
     optimizer step about to run.
@@ -197,12 +200,18 @@ class LRSchedule:
         self.decay_steps = cfg.decay_steps or max_steps
         self.min_ratio = cfg.min_lr_ratio
         self.kind = cfg.schedule
+        self.cooldown = cfg.cooldown_fraction
 
     def factor(self, step: int) -> float:
         if self.warmup and step <= self.warmup:
             return step / self.warmup
         if self.kind == "constant":
             return 1.0
+        if self.kind == "wsd":
+            # Linear from the peak at `start` to min_ratio at decay_steps (Hagele et al. 2024; modded-nanogpt).
+            start = max(self.decay_steps - self.cooldown * self.decay_steps, self.warmup)
+            progress = min(max(step - start, 0) / max(self.decay_steps - start, 1), 1.0)
+            return 1.0 - (1.0 - self.min_ratio) * progress
         span = max(self.decay_steps - self.warmup, 1)
         progress = min(max(step - self.warmup, 0) / span, 1.0)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

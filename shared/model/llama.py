@@ -269,6 +269,19 @@ class Llama(nn.Module):
         (cached + new, S = kv_cache.pos + T); combined with the causal mask.
         kv_cache: appended to and advanced by T.
         """
+        return self.lm_head(self.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                               kv_cache=kv_cache))  # [B, T, V]
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final norm's output [B, T, C], what `lm_head` turns into logits (arguments as `forward`):
+        the trainer feeds it to `shared.model.loss.linear_cross_entropy` with the head's weight."""
         B, T = input_ids.shape
         offset = kv_cache.pos if kv_cache is not None else 0
         if position_ids is None:
@@ -293,10 +306,9 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids)  # [B, T, C]
         for block in self.layers:
             x = block(x, cos, sin, mask, kv_cache)
-        x = self.norm(x)
         if kv_cache is not None:
             kv_cache.pos = offset + T
-        return self.lm_head(x)  # [B, T, V]
+        return self.norm(x)  # [B, T, C]
 
     @staticmethod
     def _mask(attention_mask: torch.Tensor | None, B: int, T: int, offset: int, device) -> torch.Tensor:

@@ -44,6 +44,16 @@ def test_constant_schedule_stays_at_the_peak_after_warmup():
     assert s(2) == pytest.approx(1.0) and s(50) == 2.0
 
 
+def test_wsd_holds_the_peak_then_cools_down_in_a_straight_line():
+    """warmup 10, decay_steps 110, cooldown 0.4: the peak from step 10 to 66, then linear to 0.1 at 110."""
+    s = LRSchedule(OptimConfig(lr=2.0, warmup_steps=10, schedule="wsd", cooldown_fraction=0.4, min_lr_ratio=0.1),
+                   max_steps=110)
+    assert s(5) == pytest.approx(1.0) and s(10) == pytest.approx(2.0) and s(66) == pytest.approx(2.0)
+    assert s(88) == pytest.approx(2.0 * (1 - 0.9 * 0.5))  # half way through the cooldown
+    assert s(110) == pytest.approx(0.2) and s(200) == pytest.approx(0.2)
+    assert s(67) < 2.0
+
+
 def test_adamw_decays_matrices_only_and_is_fused_on_cpu():
     m = Llama(model_preset("tiny"))
     decay, no_decay = param_groups(m, 0.1)

@@ -84,6 +84,20 @@ def test_loss_mask_is_honoured(domains, tmp_path):
     assert a == b  # what sits under the mask never matters
 
 
+def test_the_fused_head_and_loss_train_like_logits_and_cross_entropy(domains, tmp_path):
+    """fused_loss (the default on fp32, one process) vs the unfused path: same losses and weights to
+    float rounding over a few steps, with a loss mask and a z-loss (both enter the fused gradient)."""
+    cfg = dict(max_steps=4, stability={"z_loss": 1e-3})
+    fused = Trainer(make_config(**cfg), MaskedSource(domains, seq_len=32, batch_size=4), tmp_path / "a")
+    plain = Trainer(make_config(**cfg, fused_loss=False), MaskedSource(domains, seq_len=32, batch_size=4), tmp_path / "b")
+    assert fused._fused_head and not plain._fused_head
+    a, b = fused.fit().losses, plain.fit().losses
+    assert a.keys() == b.keys() and a != b  # two computations, not one path twice
+    assert all(a[k] == pytest.approx(b[k], rel=2e-5) for k in a)
+    for (name, p), q in zip(fused.raw_model.named_parameters(), plain.raw_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=5e-5, msg=name)  # one step moves a weight by ~lr = 3e-3
+
+
 def test_all_masked_batches_are_refused_with_a_reason(domains, tmp_path):
     class AllMasked(InMemoryBatchSource):
         def __next__(self):

@@ -86,3 +86,64 @@ def test_muon_step_0_checkpoint_changes_nothing_and_resumes(source, tmp_path):
     assert at_start.fit().losses == plain.losses
     again = Trainer(make_config(max_steps=6, optim=MUON), source(), tmp_path / "c")
     assert again.fit(resume=tmp_path / "b" / "checkpoints" / "step-000000000").losses == plain.losses
+
+
+def _library_muon_in_fp32(monkeypatch):
+    """torch.optim.Muon with its Newton-Schulz iteration run in fp32 (the library casts to bf16)."""
+    import torch.optim._muon as lib
+
+    def ns(grad, coefficients, steps, eps):
+        a, b, c = coefficients
+        x = grad.float()
+        if grad.size(0) > grad.size(1):
+            x = x.T
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if grad.size(0) > grad.size(1) else x
+
+    monkeypatch.setattr(lib, "_zeropower_via_newtonschulz", ns)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+def test_batched_muon_steps_like_torch_muon(monkeypatch, nesterov, adjust):
+    """Same parameters and momentum buffers as torch.optim.Muon after several steps, over matrices of
+    three shapes (two of each, wide and tall), with decay: only the layout of the work differs."""
+    from services.trainer.muon import BatchedMuon
+
+    _library_muon_in_fp32(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(32, 48), (48, 32), (32, 48), (16, 16), (64, 16), (16, 16)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1, adjust_lr_fn=adjust)
+    a, b = BatchedMuon(ours, **kw), torch.optim.Muon(theirs, **kw)
+    for _ in range(4):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"], rtol=0, atol=0)
+    # One optimizer's state dict loads into the other (checkpoints from either resume with both).
+    b.load_state_dict(a.state_dict())
+
+
+def test_orthogonalize_flattens_the_spectrum():
+    """The quintic leaves singular values near 1 (Keller Jordan's iteration: within about 0.5-1.5),
+    from a matrix whose singular values span two orders of magnitude."""
+    from services.trainer.muon import orthogonalize
+
+    gen = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(96, 64, generator=gen))
+    m = u @ torch.diag(torch.logspace(-1, 1, 64)) @ v.T  # [64, 96]
+    (o,) = orthogonalize([m], (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    s = torch.linalg.svdvals(o)
+    assert o.shape == m.shape and float(s.min()) > 0.5 and float(s.max()) < 1.5
+    before = torch.linalg.svdvals(m)
+    assert float(before.max() / before.min()) > 99 and float(s.max() / s.min()) < 2
