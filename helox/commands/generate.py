@@ -34,6 +34,12 @@ def local_model_dir(location: str, settings: common.HeloxSettings) -> Path:
         raise SampleError(f"{location}: {exc}") from exc
 
 
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"must be > 0 (1: off), got {value}")
+    return value
+
+
 def generate(
     location: Annotated[str, typer.Argument(metavar="MODEL", help="An export directory (manifest.json) or a trainer checkpoint directory; "
                                               "s3://… inside the artifact store: fetched and verified first.")],
@@ -42,6 +48,8 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens; 0: all.")] = 40,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus mass; 1: off.")] = 0.95,
+    repetition_penalty: Annotated[float, typer.Option(
+        callback=_positive, help="Logits of tokens already in the text divided by this (x it when negative); 1: off.")] = 1.3,
     seed: Annotated[int, typer.Option(help="Sampling seed: one seed, one text.")] = 0,
     format: Annotated[Literal["native", "onnx", "gguf"], typer.Option(
         "--format", help="Which exported files to run (a checkpoint is native).")] = "native",
@@ -77,7 +85,7 @@ def generate(
         out.flush()
         for piece in stream_text(opened, prompt, max_new_tokens=max_tokens, temperature=temperature,
                                  top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, seed=seed,
-                                 prompt_ids=prompt_ids):
+                                 repetition_penalty=repetition_penalty, prompt_ids=prompt_ids):
             out.write(piece)
             out.flush()
         out.write("\n")

@@ -1,10 +1,18 @@
-"""Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p."""
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p, repetition penalty."""
 
 from __future__ import annotations
 
 import torch
 
 from .llama import KVCache, Llama
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [B, V] with those of the ids in `seen` [B, n] divided by `penalty` where positive and
+    multiplied by it where negative (an id seen twice counts once)."""
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
 
 
 def sample_next(
@@ -14,11 +22,22 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    repetition_penalty: float = 1.0,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]. temperature 0 means greedy (argmax)."""
+    """Next token ids [B] from last-position logits [B, V]. temperature 0 means greedy (argmax).
+
+    repetition_penalty (CTRL, Keskar et al. 2019; transformers' `repetition_penalty`): the logit
+    of every token in `seen` [B, n] (the context so far) is divided by it when positive and
+    multiplied by it when negative, before temperature and the cut-offs; 1 leaves them alone.
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
     logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None and seen.numel():
+        logits = penalize_repetition(logits, seen, repetition_penalty)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -48,8 +67,11 @@ def generate(
     eos_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    repetition_penalty: float = 1.0,
 ) -> torch.Tensor:
     """Extend prompts input_ids [B, T0] by up to max_new_tokens; returns [B, T0 + n].
+
+    repetition_penalty applies to every token of the row so far (prompt padding excepted).
 
     Prompts of different lengths are left-padded with attention_mask [B, T0] (0 on padding);
     positions then start at each row's first real token. Rows that produced `eos_token_id`
@@ -76,7 +98,10 @@ def generate(
     )  # [B, T0, V]
     try:
         for _ in range(max_new_tokens):
-            tok = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            # A padding position stands for the row's last token, which the penalty covers anyway.
+            seen = torch.where(attention_mask.bool(), out, out[:, -1:]) if repetition_penalty != 1.0 else None
+            tok = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                              repetition_penalty=repetition_penalty, seen=seen)
             if eos_token_id is not None:
                 tok = torch.where(finished, torch.full_like(tok, eos_token_id), tok)
                 finished |= tok == eos_token_id

@@ -164,8 +164,13 @@ def test_generate_from_a_checkpoint_with_its_tokenizer(exported, capsys, monkeyp
                                "--tokenizer", str(exported["tokenizer"]), "--temperature", "0", "--max-tokens", "16")
     assert code == 0, err
     native = open_export(exported["export"], KEY, "native")
-    greedy = "".join(stream_text(native, PROMPT, max_new_tokens=16, temperature=0.0))
-    assert out == PROMPT + greedy + "\n"
+    greedy = "".join(stream_text(native, PROMPT, max_new_tokens=16, temperature=0.0, repetition_penalty=1.3))
+    assert out == PROMPT + greedy + "\n"  # the CLI's default penalty applies to greedy decoding too
+    code, out, err = _generate(capsys, monkeypatch, str(exported["checkpoint"]), "--prompt", PROMPT,
+                               "--tokenizer", str(exported["tokenizer"]), "--temperature", "0", "--max-tokens", "16",
+                               "--repetition-penalty", "1")
+    assert code == 0, err
+    assert out == PROMPT + "".join(stream_text(native, PROMPT, max_new_tokens=16, temperature=0.0)) + "\n"
     code, _, err = _generate(capsys, monkeypatch, str(exported["checkpoint"]), "--prompt", PROMPT,
                              "--format", "onnx")
     assert code == 1 and "only --format native" in err
