@@ -31,6 +31,7 @@ from shared.logging import get_logger
 from shared.model import Llama
 from shared.model.loss import linear_cross_entropy
 
+from .allocator import keep_freed_memory
 from .batching import NoiseScale, auto_micro_batch_size
 from .checkpointing import TrainCheckpointer
 from .config import TrainConfig
@@ -136,6 +137,8 @@ class Trainer:
         self.model_config = config.model_config_resolved()
         self.run_id = run_id
 
+        if self.device.type == "cpu":
+            keep_freed_memory()  # glibc: no fresh pages for every step's tensors (allocator.py)
         seed_everything(config.seed)
         raw = Llama(self.model_config).to(self.device)
         if config.compile:
