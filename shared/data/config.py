@@ -100,7 +100,9 @@ class TokenizerConfig(StrictModel):
     byte_fallback: bool = True
     split_digits: bool = True
     character_coverage: float = Field(default=0.9995, gt=0.0, le=1.0)
-    input_sentence_size: int = Field(default=200_000, ge=1, description="Lines sampled (seeded) for training.")
+    input_sentence_size: int = Field(
+        default=100_000, ge=1, description="Lines sampled (seeded) for training. 100k vs 200k on the Python "
+        "sources: training 0.63x the time, held-out bytes/token 0.07% lower (8000 and 4096 pieces alike).")
     max_sentence_length: int = Field(default=4_192, ge=16, description="Training lines longer (bytes) are skipped.")
     seed: int = Field(default=0, ge=0)
     model_path: str | None = Field(default=None, description="Reuse this .model file instead of training.")
