@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from contracts import ServiceHeartbeat
+from shared.allocator import keep_freed_memory
 from shared.artifacts import ArtifactStore
 from shared.bus import Bus
 from shared.bus.idempotency import Idempotency
@@ -189,6 +190,7 @@ def run_service(service: str, setup: Callable[[ServiceRuntime], None]) -> int:
         return 2
     rt = ServiceRuntime(service, settings)
     configure_logging(service, rt.instance, fmt=settings.log_format, level=settings.log_level)
+    keep_freed_memory()  # torch on CPU: reuse freed blocks instead of faulting in fresh pages
     setup(rt)
     asyncio.run(rt.run())
     return 0

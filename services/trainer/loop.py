@@ -25,13 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared.allocator import keep_freed_memory
 from shared.checkpoint import Checkpoint, CheckpointNotFoundError, list_checkpoints
 from shared.data.manifest import MASK_BASE, MASK_CONTEXT
 from shared.logging import get_logger
 from shared.model import Llama
 from shared.model.loss import linear_cross_entropy
 
-from .allocator import keep_freed_memory
 from .batching import NoiseScale, auto_micro_batch_size
 from .checkpointing import TrainCheckpointer
 from .config import TrainConfig
@@ -138,7 +138,7 @@ class Trainer:
         self.run_id = run_id
 
         if self.device.type == "cpu":
-            keep_freed_memory()  # glibc: no fresh pages for every step's tensors (allocator.py)
+            keep_freed_memory()  # glibc: no fresh pages for every step's tensors (shared/allocator.py)
         seed_everything(config.seed)
         raw = Llama(self.model_config).to(self.device)
         if config.compile:

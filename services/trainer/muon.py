@@ -55,15 +55,20 @@ def orthogonalize(updates: list[Tensor], coefficients: tuple[float, float, float
     return out  # type: ignore[return-value]
 
 
+def run_closure(closure):
+    """An optimizer step's closure, re-evaluating the loss with gradients on (None without one)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class BatchedMuon(torch.optim.Muon):
     """`torch.optim.Muon`, same constructor and state, with the step described in the module doc."""
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []

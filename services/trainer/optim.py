@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import OptimConfig
-from .muon import BatchedMuon
+from .muon import BatchedMuon, run_closure
 
 LR_RATIO = "lr_ratio"
 """Param-group key: the group's LR over the schedule's (Muon's lr / optim.lr); 1 when absent."""
@@ -125,10 +125,7 @@ class MuonWithAdamW:
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for opt in self.optimizers:
             opt.step()
         return loss

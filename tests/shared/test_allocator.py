@@ -1,4 +1,4 @@
-"""The trainer's glibc malloc settings: a step's big tensors reuse freed memory instead of faulting in fresh pages."""
+"""glibc malloc settings (services, trainer): a step's big tensors reuse freed memory instead of faulting in fresh pages."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROGRAM = """
 import resource, sys, torch
 if sys.argv[1] == "tuned":
-    from services.trainer.allocator import keep_freed_memory
+    from shared.allocator import keep_freed_memory
     assert keep_freed_memory() and keep_freed_memory()  # idempotent
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(64):

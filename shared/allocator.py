@@ -1,4 +1,4 @@
-"""glibc malloc settings for a process that trains on CPU.
+"""glibc malloc settings for a process that runs torch on CPU (every Helox service, and a trainer).
 
 A training step allocates and frees the same large tensors every time (activations, the loss
 blocks' logits, gradients: 1-8 MiB each on the demo model). glibc serves allocations above its
@@ -9,7 +9,9 @@ mmap one to glibc's 32 MiB ceiling) keeps freed blocks for reuse: page faults fe
 3-6% (measured in one process, alternating, 300 steps each). The process keeps what it freed for
 reuse, at most the peak it reached.
 
-Linux with glibc only; elsewhere (or when `mallopt` is missing or refuses) nothing changes.
+`shared.service.run_service` sets them in every service process (the evaluator's and exporter's
+forwards allocate the same way), the Trainer in any process that trains on CPU. Linux with
+glibc only; elsewhere (or when `mallopt` is missing or refuses) nothing changes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 
 from shared.logging import get_logger
 
-log = get_logger("helox.trainer")
+log = get_logger("helox.malloc")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 32 << 20  # glibc's HEAP_MAX-bound ceiling for M_MMAP_THRESHOLD on 64-bit
@@ -41,5 +43,5 @@ def keep_freed_memory() -> bool:
             return False
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         _tuned = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-        log.debug("trainer.malloc", mmap_threshold=MMAP_THRESHOLD, trim_threshold=TRIM_THRESHOLD, set=_tuned)
+        log.debug("malloc.thresholds", mmap_threshold=MMAP_THRESHOLD, trim_threshold=TRIM_THRESHOLD, set=_tuned)
     return _tuned
