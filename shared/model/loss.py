@@ -14,9 +14,10 @@ backward has nothing left to do but scale the two saved gradients by the incomin
 
 Why not `torch.nn.functional.linear_cross_entropy`: its chunked path (torch 2.13) precomputes
 gradients only for a scalar "sum"/"mean" reduction, which cannot weight tokens (the loss mask,
-RAG context weights); with reduction="none" it recomputes every block in the backward, and on
-the demo's head (2048 x 128 -> 4096, 2 CPU threads) measured 1.4x slower than the unfused
-head + F.cross_entropy, where this is faster (benchmarks/trainer.py prints both).
+RAG context weights); with reduction="none" it recomputes every block in the backward, and
+measured 0.33x the speed of the unfused head + F.cross_entropy on 10m's head (2048 x 256 ->
+8192, 2 CPU threads). This one measured 1.3x on the demo's head (2048 x 128 -> 4096) and about
+even (0.97-1.3x, run to run) on 10m's; `benchmarks/trainer.py` prints all three.
 
 The trainer uses it on the fp32 path (no autocast): per-token losses come back for its
 statistics, computed from the same logits. Higher-order gradients are not supported.
