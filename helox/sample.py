@@ -37,6 +37,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from helox.common import RUN_SAMPLING
 from services.exporter.native import load_native
 from services.exporter.verify import verify_export
 from shared.model import KVCache, Llama, ModelConfig, sample_next
@@ -333,10 +334,6 @@ class Sample:
         return max_ngram_repeats(self.token_ids, 4)
 
 
-# What `helox run` shows: sampled (not greedy, which loops on a small model), seeded, with a
-# repetition penalty: the demo model (2500 steps) at 0.8 / 40 / 0.95 repeated a 4-gram 3x at
-# seed 0 and up to 4x over seeds 0-7 without one; with 1.3, no 4-gram twice at any of them.
-RUN_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.3, "seed": 0}
 
 
 def sample_from_export(export_dir: str | Path, signing_key: str | bytes, prompt: str, max_new_tokens: int = 64,

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from .. import common
-from ..common import err
+from ..common import RUN_SAMPLING, err
 
 
 def local_model_dir(location: str, settings: common.HeloxSettings) -> Path:
@@ -45,12 +45,12 @@ def generate(
                                               "s3://… inside the artifact store: fetched and verified first.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most (EOS stops earlier).")] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens; 0: all.")] = 40,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus mass; 1: off.")] = 0.95,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = RUN_SAMPLING["temperature"],
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens; 0: all.")] = RUN_SAMPLING["top_k"],
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus mass; 1: off.")] = RUN_SAMPLING["top_p"],
     repetition_penalty: Annotated[float, typer.Option(
-        callback=_positive, help="Logits of tokens already in the text divided by this (x it when negative); 1: off.")] = 1.3,
-    seed: Annotated[int, typer.Option(help="Sampling seed: one seed, one text.")] = 0,
+        callback=_positive, help="Logits of tokens already in the text divided by this (x it when negative); 1: off.")] = RUN_SAMPLING["repetition_penalty"],
+    seed: Annotated[int, typer.Option(help="Sampling seed: one seed, one text.")] = RUN_SAMPLING["seed"],
     format: Annotated[Literal["native", "onnx", "gguf"], typer.Option(
         "--format", help="Which exported files to run (a checkpoint is native).")] = "native",
     tokenizer: Annotated[Path | None, typer.Option(

@@ -359,7 +359,8 @@ def _show_model(ready: ModelReady, settings: HeloxSettings) -> None:
         console.print(f"  {name:<10} {ref.uri.removeprefix('file://')} ({ref.size_bytes / 1e6:.1f} MB)", highlight=False)
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in ready.metrics.items())
     console.print(f"  metrics: {metrics}", highlight=False)
-    from ..sample import RUN_SAMPLING, sample_from_export
+    from ..common import RUN_SAMPLING
+    from ..sample import sample_from_export
 
     try:
         sample = sample_from_export(export_dir_of(ready, ArtifactStore.from_settings(settings)), common.signing_key(settings), SAMPLE_PROMPT,

@@ -206,7 +206,7 @@ class LRSchedule:
             return 1.0
         if self.kind == "wsd":
             # Linear from the peak at `start` to min_ratio at decay_steps (Hagele et al. 2024; modded-nanogpt).
-            start = max(self.decay_steps - self.cooldown * self.decay_steps, self.warmup)
+            start = max(self.decay_steps * (1.0 - self.cooldown), self.warmup)
             progress = min(max(step - start, 0) / max(self.decay_steps - start, 1), 1.0)
             return 1.0 - (1.0 - self.min_ratio) * progress
         span = max(self.decay_steps - self.warmup, 1)
