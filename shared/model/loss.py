@@ -37,13 +37,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, token_weight, z_loss: float, block: int):
         N = hidden.size(0)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight)
+        grad_weight = torch.empty_like(weight)
+        # [C, V] contiguous: the block's logits GEMM measured ~10% faster than through weight.T's
+        # strides (256 x 256 -> 8192 on 2 CPU threads); one 8 MiB copy a step buys it back 8 times over.
+        weight_t = weight.t().contiguous()
         tok = torch.empty(N, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
         for s in range(0, N, block):
             e = min(s + block, N)
             h, y, w = hidden[s:e], labels[s:e], token_weight[s:e]
-            logits = h @ weight.T  # [n, V]
+            logits = h @ weight_t  # [n, V]
             target = logits.gather(1, y[:, None]).squeeze(1)  # [n]
             logp = torch.log_softmax(logits, dim=-1)  # one fused pass
             del logits
@@ -56,7 +59,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.mul_((w * (1 + 2 * z_loss * block_lse) if z_loss else w)[:, None])
             probs.scatter_add_(1, y[:, None], -w[:, None].to(probs.dtype))
             torch.mm(probs, weight, out=grad_hidden[s:e])
-            grad_weight.addmm_(probs.T, h)
+            if s == 0:  # the first block writes the weight gradient, the others add to it
+                torch.mm(probs.T, h, out=grad_weight)
+            else:
+                grad_weight.addmm_(probs.T, h)
         objective = torch.dot(tok, token_weight)
         if z_loss:
             objective = objective + z_loss * torch.dot(lse.square(), token_weight)
@@ -67,6 +73,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_objective, _grad_tok, _grad_lse):
         grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_objective.device.type == "cpu" and grad_objective.item() == 1.0:
+            # The usual case (backward() of the objective itself): no need to scale two full tensors.
+            # Handing out the saved tensors is safe: the graph is freed after this backward, and a
+            # retained graph is not supported anyway (autograd would accumulate into them).
+            return grad_hidden, grad_weight, None, None, None, None
         return grad_hidden * grad_objective, grad_weight * grad_objective, None, None, None, None
 
 

@@ -83,3 +83,21 @@ def test_bad_shapes_and_dtypes_are_refused_naming_them():
         linear_cross_entropy(hidden, weight, labels, w[:3])
     with pytest.raises(ValueError, match="fp32"):
         linear_cross_entropy(hidden.double(), weight.double(), labels, w)
+
+
+def test_losses_far_beyond_fp32_probabilities_stay_exact_and_finite():
+    """Labels 100 nats (p[y] a denormal: -log p[y] would be 99.98) and 1000 nats (p[y] = 0: -log p[y]
+    would be inf) below the top logit: the loss is still logsumexp - logit[y], and the gradient
+    the softmax minus the one-hot."""
+    h = torch.ones(3, 1, requires_grad=True)
+    W = torch.tensor([[0.0], [900.0], [1000.0]], requires_grad=True)  # logits (0, 900, 1000) on every row
+    labels = torch.tensor([0, 1, 2])
+    obj, tok, lse = linear_cross_entropy(h, W, labels, torch.ones(3))
+    logits = torch.tensor([0.0, 900.0, 1000.0], dtype=torch.float64)
+    expect_lse = float(torch.logsumexp(logits, 0))  # 1000 + log(1 + e^-100 + e^-1000)
+    torch.testing.assert_close(tok, torch.tensor([expect_lse, expect_lse - 900.0, expect_lse - 1000.0]))
+    torch.testing.assert_close(lse, torch.full((3,), expect_lse))
+    assert math.isfinite(float(obj))
+    obj.backward()
+    d = 3 * torch.softmax(logits, 0).float() - 1  # three rows, weight 1: softmax each, one-hot once per class
+    torch.testing.assert_close(W.grad[:, 0], d)

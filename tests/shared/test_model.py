@@ -365,3 +365,22 @@ def test_a_dynamically_quantized_copy_runs_its_projections_one_by_one():
     with torch.no_grad():
         ref, out = m(ids), q(ids)
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+def test_cpu_rope_and_swiglu_backwards_are_the_derivatives():
+    # The training path's hand-written gradients (dq, dk, dv written into one Q|K|V gradient; dgate|dup fused).
+    from shared.model.llama import _RopeQKV, _SwiGLU
+
+    H, K, D, T = 4, 2, 8, 5
+    cos, sin = (t[:T, None, : D // 2].to(torch.float64) for t in rope_tables(D, 16, 10000.0))  # [T, 1, D/2]
+    qkv = torch.randn(2, T, H + 2 * K, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _RopeQKV.apply(t, cos, sin, H, K), (qkv,))
+    q, k, v = _RopeQKV.apply(qkv, cos, sin, H, K)
+    full_cos, full_sin = (t[:T, None].to(torch.float64) for t in rope_tables(D, 16, 10000.0))
+    torch.testing.assert_close(q, apply_rope(qkv[:, :, :H], full_cos, full_sin))
+    torch.testing.assert_close(k, apply_rope(qkv[:, :, H:H + K], full_cos, full_sin))
+    torch.testing.assert_close(v, qkv[:, :, H + K:])
+    gate_up = torch.randn(3, 4, 2 * 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (gate_up,))
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(_SwiGLU.apply(gate_up), F.silu(gate) * up)
