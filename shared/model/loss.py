@@ -75,8 +75,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_objective.device.type == "cpu" and grad_objective.item() == 1.0:
             # The usual case (backward() of the objective itself): no need to scale two full tensors.
-            # Handing out the saved tensors is safe: the graph is freed after this backward, and a
-            # retained graph is not supported anyway (autograd would accumulate into them).
+            # Handing out the saved tensors is safe: autograd writes into a gradient in place only
+            # when nothing else holds it, and ctx does until the graph is freed (a retained graph's
+            # second backward adds the same gradients again; tests/shared/test_loss.py checks it).
             return grad_hidden, grad_weight, None, None, None, None
         return grad_hidden * grad_objective, grad_weight * grad_objective, None, None, None, None
 

@@ -101,3 +101,19 @@ def test_losses_far_beyond_fp32_probabilities_stay_exact_and_finite():
     obj.backward()
     d = 3 * torch.softmax(logits, 0).float() - 1  # three rows, weight 1: softmax each, one-hot once per class
     torch.testing.assert_close(W.grad[:, 0], d)
+
+
+def test_a_retained_graph_backs_up_twice_into_untouched_saved_gradients():
+    """The backward hands out its saved gradients unscaled when the incoming gradient is 1: a second
+    backward of a retained graph must add the same gradients again (the tied head included)."""
+    hidden, weight, labels, w = _inputs()
+    emb = torch.nn.Embedding(*weight.shape)
+    with torch.no_grad():
+        emb.weight.copy_(weight)
+    ids = torch.randint(0, weight.size(0), (hidden.size(0),), generator=torch.Generator().manual_seed(1))
+    x = emb(ids) + hidden  # the embedding is also the head: two gradients meet in one tensor
+    obj, _, _ = linear_cross_entropy(x, emb.weight, labels, w)
+    obj.backward(retain_graph=True)
+    once = emb.weight.grad.clone()
+    obj.backward()
+    torch.testing.assert_close(emb.weight.grad, 2 * once)
