@@ -17,6 +17,9 @@ failed check that names the file, not a crashed exporter. Known crash: on CPUs w
 segfaults in `ggml_backend_amx_mul_mat` on the first multi-token batch (llama.cpp issue
 20824; no fix up to llama-cpp-python 0.3.36). Every Q8_0 matrix of a Llama qualifies (both
 dimensions are multiples of 32), so no tensor layout avoids it; `CRASH_HINT` says what does.
+On such a CPU, when the stock load of a Q8_0 file dies of that signal, the check loads it again with
+`n_batch=1` (one token per batch, which never reaches that kernel path) and judges the file on those
+logits; its entry records the settings and the stock crash, and the export's README says how to load it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ PARITY_TEXTS = (
     "  unicode: héllo wörld",
 )
 STOCK_LOAD = "Llama(model_path=..., logits_all=True)"
+AMX_LOAD = "Llama(model_path=..., logits_all=True, n_batch=1)"  # what a Q8_0 file needs on a CPU with AMX
 CRASH_HINT = (
     "a known llama.cpp bug on CPUs with AMX (Intel Xeon 4th generation and later): Q8_0 weights crash "
     "ggml_backend_amx_mul_mat on the first multi-token prompt (llama.cpp issue 20824); "
@@ -241,36 +245,65 @@ def read_gguf(path: str | Path, config: ModelConfig | None = None) -> tuple[dict
 class LlamaCppCrash(RuntimeError):
     """llama.cpp ended the child process (a signal, or an error exit) on a GGUF file."""
 
+    def __init__(self, message: str, *, known_amx_bug: bool = False) -> None:
+        super().__init__(message)
+        self.known_amx_bug = known_amx_bug  # a Q8_0 file, a memory-fault signal, a CPU with AMX: issue 20824
+
 
 def _child_command(gguf_path: Path, request: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "services.exporter.gguf_export", str(gguf_path), str(request), str(out)]
 
 
 def llama_cpp_logits(gguf_path: Path, prompts: list[list[int]], texts: list[str], *, exact_kv: bool = False,
-                     timeout_s: float = 300.0) -> tuple[list[np.ndarray], list[list[int]], str]:
+                     n_batch: int | None = None, timeout_s: float = 300.0
+                     ) -> tuple[list[np.ndarray], list[list[int]], str]:
     """Logits of llama.cpp at every position of each prompt, and its tokenization of `texts`.
 
     The file is loaded as a user loads it, `Llama(model_path=..., logits_all=True)` with every
     other setting at llama-cpp-python's default; `exact_kv` only changes the KV cache to f32
-    (default f16), to measure the weights' own error. Runs in a child process (`python -m
+    (default f16), to measure the weights' own error, and `n_batch` the tokens per batch. Runs in a child process (`python -m
     services.exporter.gguf_export`): llama.cpp and torch each bring an OpenMP runtime and crash
     together in llama_decode (llama-cpp-python 0.3.36 + torch 2.13), and a llama.cpp crash
     stays out of the caller. Raises LlamaCppCrash naming the file when the child dies.
     """
     with tempfile.TemporaryDirectory() as tmp:
         req, out = Path(tmp) / "request.json", Path(tmp) / "logits.npz"
-        req.write_text(json.dumps({"prompts": prompts, "texts": texts, "exact_kv": exact_kv}))
+        req.write_text(json.dumps({"prompts": prompts, "texts": texts, "exact_kv": exact_kv, "n_batch": n_batch}))
         proc = subprocess.run(_child_command(gguf_path, req, out), capture_output=True, text=True, timeout=timeout_s,
                               cwd=Path(__file__).resolve().parents[2])
         if proc.returncode != 0:
-            raise LlamaCppCrash(_crash_message(gguf_path, proc.returncode, proc.stderr))
+            load = AMX_LOAD if n_batch == 1 else STOCK_LOAD
+            raise LlamaCppCrash(_crash_message(gguf_path, proc.returncode, proc.stderr, load),
+                                known_amx_bug=_known_amx_crash(gguf_path, proc.returncode))
         with np.load(out) as data:
             logits = [data[f"logits_{i}"] for i in range(len(prompts))]
         info = json.loads(proc.stdout.strip().splitlines()[-1])
     return logits, info["tokens"], info["version"]
 
 
-def _crash_message(gguf_path: Path, returncode: int, stderr: str) -> str:
+def logits_as_users_load(gguf_path: Path, prompts: list[list[int]], texts: list[str]
+                         ) -> tuple[list[np.ndarray], list[list[int]], str, str, str | None]:
+    """`llama_cpp_logits` with the stock settings, or, when that load hits llama.cpp's AMX bug on a
+    Q8_0 file, with `n_batch=1`: (logits, tokens, version, the settings used, the stock crash or None).
+    Any other crash, or one with n_batch=1 too, raises LlamaCppCrash."""
+    try:
+        return (*llama_cpp_logits(gguf_path, prompts, texts), STOCK_LOAD, None)
+    except LlamaCppCrash as stock:
+        if not stock.known_amx_bug:
+            raise
+        try:
+            logits, tokens, version = llama_cpp_logits(gguf_path, prompts, texts, n_batch=1)
+        except LlamaCppCrash as again:
+            raise LlamaCppCrash(f"{stock}; loaded as {AMX_LOAD} it failed too: {again}") from again
+        return logits, tokens, version, AMX_LOAD, str(stock)
+
+
+def _known_amx_crash(gguf_path: Path, returncode: int) -> bool:
+    return ("q8_0" in gguf_path.name and -returncode in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
+            and _cpu_has_amx())
+
+
+def _crash_message(gguf_path: Path, returncode: int, stderr: str, load: str = STOCK_LOAD) -> str:
     if returncode < 0:
         try:
             how = f"crashed ({signal.Signals(-returncode).name})"
@@ -280,9 +313,9 @@ def _crash_message(gguf_path: Path, returncode: int, stderr: str) -> str:
         if "q8_0" in gguf_path.name and -returncode in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
             amx = " (this CPU has AMX)" if _cpu_has_amx() else ""
             hint = f": {CRASH_HINT}{amx}"
-        return f"llama.cpp {how} on {gguf_path.name} loaded with {STOCK_LOAD}{hint}"
+        return f"llama.cpp {how} on {gguf_path.name} loaded with {load}{hint if load == STOCK_LOAD else ''}"
     tail = stderr.strip().splitlines()[-3:]
-    return f"llama.cpp failed on {gguf_path.name} loaded with {STOCK_LOAD} (exit {returncode}): {' | '.join(tail)}"
+    return f"llama.cpp failed on {gguf_path.name} loaded with {load} (exit {returncode}): {' | '.join(tail)}"
 
 
 def _cpu_has_amx() -> bool:
@@ -300,6 +333,8 @@ def _llama_cpp_child(gguf_path: str, request: str, out: str) -> None:
     kw: dict[str, Any] = {}
     if req.get("exact_kv"):
         kw = {"type_k": 0, "type_v": 0}  # GGML_TYPE_F32
+    if req.get("n_batch"):
+        kw["n_batch"] = int(req["n_batch"])
     llm = llama_cpp.Llama(model_path=gguf_path, logits_all=True, verbose=False, **kw)
     arrays = {}
     for i, prompt in enumerate(req["prompts"]):
@@ -326,9 +361,12 @@ def load_check(path: Path, vocab_size: int) -> str:
     Raises LlamaCppCrash (the file, the signal, the workaround) or ValueError (non-finite logits).
     """
     prompt = [4 + (7 * i) % max(1, vocab_size - 4) for i in range(8)]
-    logits, _, version = llama_cpp_logits(path, [prompt], [], timeout_s=120.0)
+    logits, _, version, settings, stock_crash = logits_as_users_load(path, [prompt], [])
     if not np.isfinite(logits[0]).all():
         raise ValueError(f"llama.cpp gave non-finite logits for {path.name}")
+    if stock_crash:
+        return (f"llama-cpp-python {version}, loaded as {settings}: the stock load crashes on this CPU "
+                "(AMX, llama.cpp issue 20824)")
     return f"llama-cpp-python {version}"
 
 
@@ -344,7 +382,8 @@ def check_gguf(path: Path, model: Llama, tokenizer_path: str | Path, *, f32_atol
     the stock f16 KV cache alone moves logits by ~3e-4); bf16 and q8_0 on at least
     `min_top1_quantized` of the positions led by `decided_margin`, since their rounding flips
     near-ties that cost no probability. `top1_agreement_all` keeps the all-positions figure. A
-    file that crashes llama.cpp fails with the reason (and the workaround) in its entry.
+    file that crashes llama.cpp fails with the reason (and the workaround) in its entry, except a
+    Q8_0 file on a CPU with AMX, which is judged loaded with n_batch=1 (`logits_as_users_load`).
     """
     missing = llama_cpp_missing()
     if missing:
@@ -366,7 +405,7 @@ def check_gguf(path: Path, model: Llama, tokenizer_path: str | Path, *, f32_atol
     for file in sorted(path.glob("model-*.gguf")):
         kind = file.stem.removeprefix("model-")
         try:
-            got_all, tokens, version = llama_cpp_logits(file, prompts, texts)
+            got_all, tokens, version, settings, stock_crash = logits_as_users_load(file, prompts, texts)
             exact = llama_cpp_logits(file, prompts, [], exact_kv=True)[0] if kind == "f32" else None
         except LlamaCppCrash as exc:
             results[kind] = {"passed": False, "error": str(exc)}
@@ -390,6 +429,8 @@ def check_gguf(path: Path, model: Llama, tokenizer_path: str | Path, *, f32_atol
                  **{k: v for k, v in agreement.items() if k != "top1_agreement"},
                  "last_token_top1": f"{last_top1}/{len(prompts)}",
                  "max_abs_diff": diff, "tokenizer_identical": tok_same, "positions": sum(len(r) for r in refs)}
+        if stock_crash:  # judged on the logits of the load that works here; the stock one's crash kept
+            entry |= {"settings": settings, "stock_load": stock_crash}
         if exact is not None:
             entry["f32_kv_max_abs_diff"] = max(float(np.abs(g - r).max()) for g, r in zip(exact, refs, strict=True))
             entry["f32_kv_atol"] = f32_atol

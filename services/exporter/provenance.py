@@ -269,7 +269,7 @@ def _rag_section(template: Mapping[str, Any] | None, retrieval: Mapping[str, flo
 
 def _loading(formats: Mapping[str, Any]) -> list[str]:
     """How to run the ONNX graphs and the GGUF files (what their checks did)."""
-    from .gguf_export import CRASH_HINT, STOCK_LOAD
+    from .gguf_export import AMX_LOAD, CRASH_HINT, STOCK_LOAD
 
     out = []
     onnx = formats.get("onnx") or {}
@@ -287,7 +287,7 @@ def _loading(formats: Mapping[str, Any]) -> list[str]:
         if not out:
             out += ["", "## Loading", ""]
         out.append(f"- GGUF (llama.cpp): every file was checked loaded as `{STOCK_LOAD}`, llama-cpp-python's "
-                   "default settings.")
+                   f"default settings (a Q8_0 file on a CPU with AMX, where that load crashes, as `{AMX_LOAD}`).")
         if "q8_0" in (gguf.get("files") or {}):
             out.append(f"- `model-q8_0.gguf` may crash (SIGSEGV) loaded with stock settings: {CRASH_HINT}.")
     return out

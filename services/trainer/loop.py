@@ -386,9 +386,11 @@ class Trainer:
                 z_loss = self.config.stability.z_loss
                 if self._fused_head:
                     hidden = self.model.hidden_states(ids)  # [B, T, C]
-                    objective, tok_loss, _ = linear_cross_entropy(
-                        hidden.flatten(0, 1), self.raw_model.lm_head.weight, labels.flatten(), mask.flatten(),
-                        z_loss=z_loss)
+                    # The normalisation goes into the token weights, so the objective is the loss and its
+                    # backward hands out the fused gradients as they are (no scaling pass over the head's).
+                    loss, tok_loss, _ = linear_cross_entropy(
+                        hidden.flatten(0, 1), self.raw_model.lm_head.weight, labels.flatten(),
+                        mask.flatten() * (world / n_tok), z_loss=z_loss)
                     tok_loss = tok_loss.view_as(labels)
                     masked = tok_loss * mask  # [B, T]
                 else:
@@ -401,8 +403,8 @@ class Trainer:
                     if z_loss:
                         z = torch.logsumexp(logits, dim=-1)  # [B, T]
                         objective = objective + z_loss * (z.square() * mask).sum()
-                # Normalised by the step's token count over all ranks; DDP/FSDP average gradients over ranks.
-                loss = objective * (world / n_tok)
+                    # Normalised by the step's token count over all ranks; DDP/FSDP average gradients over ranks.
+                    loss = objective * (world / n_tok)
                 self.precision.scale(loss).backward()
             with torch.no_grad():
                 stats[0] += masked.sum().double()

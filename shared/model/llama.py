@@ -14,8 +14,10 @@ autograd hands each parameter its slice of the fused gradient). RoPE rotates Q a
 with one roll instead of chunk/neg/cat per tensor. fp32 training in eager mode takes three
 `autograd.Function`s with hand-written backwards (RMSNorm on CPU, RoPE on the fused Q|K|V, SwiGLU
 on the fused gate|up) that write their gradients where the next op reads them instead of
-splitting and re-concatenating; inference, exports and `torch.compile` see the plain ops. On CPU
-every extra kernel is also an OpenMP barrier, which is what a loaded machine punishes most.
+splitting and re-concatenating; its RoPE is one complex multiply, on Q/K rows that the fused
+weight reorders per head into rotation pairs (attention sees only q.k, which the reordering of
+both leaves as it is). Inference, exports and `torch.compile` see the plain ops. On CPU every
+extra kernel is also an OpenMP barrier, which is what a loaded machine punishes most.
 
 Shapes in comments: B batch, T new tokens, S keys (cached + new), C d_model,
 H query heads, K key/value heads, D head_dim, V vocab.

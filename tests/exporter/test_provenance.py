@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from services.exporter.verify import embedded_fingerprints, verify_export
 from shared.artifacts import ArtifactStore, sha256_file
 from shared.checkpoint import write_safetensors
 
-from .conftest import CONFIG_HASH, DATASET_VERSION, RUN_ID, SIGNING_KEY
+from .conftest import CONFIG_HASH, DATASET_VERSION, RUN_ID, SIGNING_KEY, trained_model
 
 
 @pytest.fixture
@@ -102,6 +103,37 @@ def test_verify_export_fails_loads_when_llama_cpp_crashes_on_a_file_and_says_wha
     assert detail.startswith("gguf/model-q8_0.gguf: llama.cpp crashed (SIGSEGV) on model-q8_0.gguf")
     assert "n_batch=1" in detail and "f16" in detail
     assert "model-f16.gguf" not in detail  # the other files loaded
+
+
+def _crash_q8_unless_one_token_batches(real):
+    """A child that dies of SIGSEGV on model-q8_0.gguf unless asked for n_batch=1: llama.cpp's AMX bug."""
+
+    def command(gguf_path, request, out):
+        if gguf_path.name == "model-q8_0.gguf" and json.loads(Path(request).read_text()).get("n_batch") != 1:
+            return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+        return real(gguf_path, request, out)
+
+    return command
+
+
+def test_on_a_cpu_with_amx_a_q8_0_file_that_crashes_the_stock_load_is_checked_with_one_token_batches(
+        copy, trained, monkeypatch):
+    from services.exporter import gguf_export
+
+    monkeypatch.setattr(gguf_export, "_child_command", _crash_q8_unless_one_token_batches(gguf_export._child_command))
+    monkeypatch.setattr(gguf_export, "_cpu_has_amx", lambda: True)
+    report = verify_export(copy, SIGNING_KEY, check_watermark=False)
+    assert report.failed == []
+    loads = next(c.detail for c in report.checks if c.name == "loads")
+    assert "gguf/model-q8_0.gguf (llama-cpp-python" in loads and f"loaded as {gguf_export.AMX_LOAD}" in loads
+    assert loads.count("n_batch=1") == 1  # only the Q8_0 file needed it
+    res = gguf_export.check_gguf(copy / "gguf", trained_model(trained), trained.tokenizer)
+    assert res["passed"] and res["q8_0"]["settings"] == gguf_export.AMX_LOAD
+    assert res["q8_0"]["stock_load"].startswith("llama.cpp crashed (SIGSEGV) on model-q8_0.gguf")
+    assert res["q8_0"]["top1_agreement"] >= 0.8 and "settings" not in res["f16"]
+    # Without AMX the same crash is not the known bug: no second load, the file fails.
+    monkeypatch.setattr(gguf_export, "_cpu_has_amx", lambda: False)
+    assert verify_export(copy, SIGNING_KEY, check_watermark=False).failed == ["loads"]
 
 
 def test_verify_export_names_a_tampered_file(copy):
