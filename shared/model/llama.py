@@ -109,11 +109,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _hand_written_backward(t: torch.Tensor, *projections: nn.Module) -> bool:
     """Whether a block takes its `autograd.Function` path (`_RopeQKV`, `_SwiGLU`): fp32 training in
-    eager mode, i.e. `t` (the op's input) needs a gradient, or one of `projections` will give it one.
-    Inference and exports take the plain ops, and so does `torch.compile`, whose inductor fuses the
-    plain elementwise chains itself."""
+    eager mode, i.e. `t` (the op's input) needs a gradient, or one of `projections` will give it one,
+    and no autocast turns the projections' outputs into half precision. Inference, exports and
+    autocast take the plain ops, and so does `torch.compile`, whose inductor fuses the plain
+    elementwise chains itself."""
     grad = t.requires_grad or (torch.is_grad_enabled() and any(p.weight.requires_grad for p in projections))
-    return t.dtype == torch.float32 and grad and not torch.compiler.is_compiling()
+    return (t.dtype == torch.float32 and grad and not torch.is_autocast_enabled(t.device.type)
+            and not torch.compiler.is_compiling())
 
 
 def _complex_pairs(t: torch.Tensor) -> torch.Tensor:

@@ -367,6 +367,21 @@ def test_a_dynamically_quantized_copy_runs_its_projections_one_by_one():
     assert (out - ref).norm() / ref.norm() < 0.05
 
 
+def test_training_under_bf16_autocast_takes_the_plain_ops():
+    # The fp32 Functions (complex RoPE, fused SwiGLU gradient) cannot take bf16 projections: autocast
+    # trains through the plain ops, the same ones a no-grad forward runs.
+    torch.manual_seed(0)
+    m = Llama(model_preset("tiny"))
+    ids = torch.randint(0, 1024, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids)
+        with torch.no_grad():
+            ref = m(ids)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_cpu_rope_and_swiglu_backwards_are_the_derivatives():
     # The training path's hand-written gradients (dq, dk, dv written into one Q|K|V gradient; dgate|dup fused).
     from shared.model.llama import _interleaved_rows, _RopeQKV, _SwiGLU
