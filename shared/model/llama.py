@@ -166,8 +166,9 @@ class _RopeQKV(torch.autograd.Function):
 def _interleaved_rows(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     """A Q or K projection [heads * D, C] as [heads, D/2, 2, C]: per head, rotate_half's row order
     (x1 | x2, dimension j paired with j + D/2) becomes (x1_0, x2_0, x1_1, x2_1, ...), the pairs of
-    `_RopeQKV`'s complex multiply. A view; the concatenation that fuses the projections copies it."""
-    return weight.view(heads, 2, head_dim // 2, -1).transpose(1, 2)
+    `_RopeQKV`'s complex multiply. A view (of a contiguous weight); the concatenation that fuses the
+    projections copies it."""
+    return weight.reshape(heads, 2, head_dim // 2, -1).transpose(1, 2)
 
 
 class KVCache:
@@ -235,7 +236,7 @@ class Attention(nn.Module):
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if kv_cache is None and all(type(p) is nn.Linear for p in projections) and _hand_written_backward(x, *projections):
             weight = torch.cat((_interleaved_rows(self.q_proj.weight, H, D), _interleaved_rows(self.k_proj.weight, K, D),
-                                self.v_proj.weight.view(K, D // 2, 2, -1)))  # [H + 2K, D/2, 2, C]
+                                self.v_proj.weight.reshape(K, D // 2, 2, -1)))  # [H + 2K, D/2, 2, C]
             qkv = F.linear(x, weight.flatten(0, 2)).view(B, T, H + 2 * K, D)
             half = D // 2
             freqs = torch.complex(cos[..., :half], sin[..., :half]).transpose(1, 2)  # [B or 1, T, 1, D/2]
