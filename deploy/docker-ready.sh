@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Is Docker usable for `make test-deploy`? Exit 0: yes; exit 3: no, and it cannot be made so
 # here (printed as a skip). Missing dockerd, compose or base images are set up with SETUP
-# (argument 1, e.g. ../shared/tools/docker-standins.sh: Debian's docker.io and local base images)
+# (argument 1: a script that installs Docker, e.g. one that adds Debian's docker.io and local base images)
 # when it exists and we are root.
 set -uo pipefail
 SETUP=${1:-}

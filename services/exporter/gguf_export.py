@@ -298,9 +298,13 @@ def logits_as_users_load(gguf_path: Path, prompts: list[list[int]], texts: list[
         return logits, tokens, version, AMX_LOAD, str(stock)
 
 
+def _q8_memory_fault(gguf_path: Path, returncode: int) -> bool:
+    """A Q8_0 file that killed llama.cpp with a memory-fault signal: what issue 20824 looks like."""
+    return "q8_0" in gguf_path.name and -returncode in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
+
+
 def _known_amx_crash(gguf_path: Path, returncode: int) -> bool:
-    return ("q8_0" in gguf_path.name and -returncode in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
-            and _cpu_has_amx())
+    return _q8_memory_fault(gguf_path, returncode) and _cpu_has_amx()
 
 
 def _crash_message(gguf_path: Path, returncode: int, stderr: str, load: str = STOCK_LOAD) -> str:
@@ -310,7 +314,7 @@ def _crash_message(gguf_path: Path, returncode: int, stderr: str, load: str = ST
         except ValueError:
             how = f"was killed by signal {-returncode}"
         hint = ""
-        if "q8_0" in gguf_path.name and -returncode in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
+        if _q8_memory_fault(gguf_path, returncode):
             amx = " (this CPU has AMX)" if _cpu_has_amx() else ""
             hint = f": {CRASH_HINT}{amx}"
         return f"llama.cpp {how} on {gguf_path.name} loaded with {load}{hint if load == STOCK_LOAD else ''}"
